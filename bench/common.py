@@ -1,0 +1,402 @@
+"""Shared helpers of the benchmark scripts: tools, ports, processes, HTTP, statistics.
+
+Everything here talks to 127.0.0.1 only, and every wait is bounded both in time and in
+number of iterations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, Self
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = Path(__file__).resolve().parent
+LOOPBACK = "127.0.0.1"
+
+# The sender's calling AE title; consentgate's bench config declares it as a peer.
+SENDER_AET = "STORESCU"
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot go on (tool missing, receiver did not start, ...)."""
+
+
+class ToolMissingError(BenchError):
+    """A required external program is not installed."""
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def _is_dcmtk(path: str) -> bool:
+    try:
+        out = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "dcmtk" in (out.stdout + out.stderr).lower()
+
+
+def find_dcmtk_tool(name: str) -> str:
+    """Path of the DCMTK program ``name`` (storescu, storescp, findscu, echoscu).
+
+    pynetdicom installs console scripts with the same names into the virtualenv, so the
+    Debian path is tried first and every candidate must identify itself as DCMTK.
+    """
+    candidates = [f"/usr/bin/{name}"]
+    found = shutil.which(name)
+    if found:
+        candidates.append(found)
+    for cand in candidates:
+        if Path(cand).is_file() and os.access(cand, os.X_OK) and _is_dcmtk(cand):
+            return cand
+    raise ToolMissingError(
+        f"DCMTK '{name}' not found (looked at {', '.join(candidates)}); "
+        "install it with: apt-get install dcmtk"
+    )
+
+
+def find_orthanc() -> str:
+    """Path of the Orthanc server binary (Debian package ``orthanc``)."""
+    for cand in ("/usr/sbin/Orthanc", shutil.which("Orthanc") or ""):
+        if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
+            return cand
+    raise ToolMissingError(
+        "Orthanc not found at /usr/sbin/Orthanc nor on PATH; install it with: "
+        "apt-get install orthanc (the bench starts its own process, never the service)"
+    )
+
+
+def find_consentgate() -> str:
+    """Path of the ``consentgate`` console script of the project's virtualenv."""
+    cands = [
+        Path(sys.executable).parent / "consentgate",
+        REPO_ROOT / ".venv" / "bin" / "consentgate",
+    ]
+    for cand in cands:
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return str(cand)
+    raise ToolMissingError(
+        "consentgate console script not found in the virtualenv; run "
+        "'.venv/bin/pip install -e .' from the repository root"
+    )
+
+
+def tool_version(path: str) -> str:
+    """First informative line of ``path --version`` (empty string if it cannot run)."""
+    try:
+        out = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    for line in (out.stdout + out.stderr).splitlines():
+        line = line.strip()
+        if line:
+            return line
+    return ""
+
+
+# --------------------------------------------------------------------------- ports / env
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free TCP ports on 127.0.0.1 (the kernel picks them: bind to 0)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((LOOPBACK, 0))
+            socks.append(s)
+        ports = [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+    for port in ports:
+        if port < 1024:
+            raise BenchError(f"kernel handed out a low port {port}")
+    return ports
+
+
+def receiver_env() -> dict[str, str]:
+    """Environment of the receivers: TCP_NODELAY=1 so only the sender's Nagle varies."""
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+def sender_env(mode: str) -> dict[str, str]:
+    """Environment of storescu for a sender mode (``nodelay`` or ``nagle``)."""
+    env = dict(os.environ)
+    if mode == "nodelay":
+        env["TCP_NODELAY"] = "1"
+    elif mode == "nagle":
+        env.pop("TCP_NODELAY", None)
+    else:
+        raise ValueError(f"unknown sender mode {mode!r}")
+    return env
+
+
+# --------------------------------------------------------------------------- waiting
+
+
+def wait_until(
+    predicate: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = 0.1,
+    alive: Callable[[], None] | None = None,
+) -> float:
+    """Poll ``predicate`` until true; return the seconds waited.
+
+    Bounded by ``timeout`` and by ``timeout / interval + 2`` iterations. ``alive`` is
+    called on each iteration and should raise if the watched process died.
+    """
+    start = time.monotonic()
+    deadline = start + timeout
+    max_iter = math.ceil(timeout / interval) + 2
+    for _ in range(max_iter):
+        if alive is not None:
+            alive()
+        if predicate():
+            return time.monotonic() - start
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# --------------------------------------------------------------------------- HTTP
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """GET ``url``; returns (status, body), status 0 if the connection failed."""
+    try:
+        with _OPENER.open(url, timeout=timeout) as resp:
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), b""
+    except (urllib.error.URLError, OSError, TimeoutError):
+        return 0, b""
+
+
+def http_get_json(url: str, timeout: float = 5.0) -> Any:
+    """GET ``url`` and decode JSON; raises :class:`BenchError` unless status is 200."""
+    status, body = http_get(url, timeout)
+    if status != 200:
+        raise BenchError(f"GET {url} returned status {status}")
+    return json.loads(body)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class ManagedProcess:
+    """A child process in its own session, logged to a file, always stopped on exit.
+
+    Use as a context manager; :meth:`stop` sends SIGTERM to the child, waits up to
+    ``grace`` seconds, then SIGKILLs the child's process group (the group id is the
+    child's own pid, since it was started with ``start_new_session``).
+    """
+
+    def __init__(
+        self,
+        cmd: Sequence[str],
+        *,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        grace: float = 30.0,
+    ) -> None:
+        self.cmd = list(cmd)
+        self.log_path = log_path
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self.grace = grace
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start the process (stdout and stderr go to ``log_path``)."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            try:
+                self.proc = subprocess.Popen(
+                    self.cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    cwd=self.cwd,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise BenchError(f"cannot start {self.cmd[0]}: {exc}") from exc
+
+    @property
+    def pid(self) -> int:
+        """Process id of the child."""
+        if self.proc is None:
+            raise BenchError("process not started")
+        return self.proc.pid
+
+    def check_alive(self) -> None:
+        """Raise :class:`BenchError` (with the log tail) if the process has exited."""
+        if self.proc is None:
+            raise BenchError("process not started")
+        rc = self.proc.poll()
+        if rc is not None:
+            raise BenchError(
+                f"{Path(self.cmd[0]).name} exited early with status {rc}; "
+                f"log {self.log_path}:\n{self.log_tail()}"
+            )
+
+    def log_tail(self, lines: int = 25) -> str:
+        """Last ``lines`` lines of the log file."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> int | None:
+        """Stop the process (SIGTERM, bounded wait, then SIGKILL); return its status."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=self.grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+        # Reap anything the child left behind in its own group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return proc.returncode
+
+
+@dataclass(frozen=True)
+class ToolRun:
+    """Outcome of one timed run of an external tool."""
+
+    returncode: int
+    seconds: float
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+
+
+def run_timed(
+    cmd: Sequence[str], *, env: Mapping[str, str] | None, timeout: float
+) -> ToolRun:
+    """Run ``cmd`` to completion; wall time from process start to exit (perf_counter).
+
+    The child runs in its own session and its whole group is killed on timeout.
+    """
+    start = time.perf_counter()
+    try:
+        proc = subprocess.Popen(
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(env) if env is not None else None,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise BenchError(f"cannot start {cmd[0]}: {exc}") from exc
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        seconds = time.perf_counter() - start
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=10)
+        seconds = time.perf_counter() - start
+        timed_out = True
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    return ToolRun(
+        returncode=proc.returncode if not timed_out else -9,
+        seconds=seconds,
+        stdout=out.decode(errors="replace"),
+        stderr=err.decode(errors="replace"),
+        timed_out=timed_out,
+    )
+
+
+@contextlib.contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into SystemExit so every ``finally`` stops its processes."""
+
+    def _handler(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    old = {sig: signal.signal(sig, _handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def median(values: Sequence[float]) -> float:
+    """Median of a non-empty sequence."""
+    return float(statistics.median(values))
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile (``pct`` in 0..100) of a non-empty sequence."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
+    return float(ordered[min(rank, len(ordered)) - 1])
+
+
+def git_revision() -> str:
+    """Short description of the work tree's revision, or ``"unknown"``."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown (no commit)"

@@ -1,0 +1,1 @@
+"""The ``consentgate`` command and the composition root that wires settings to services."""

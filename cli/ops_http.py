@@ -1,0 +1,83 @@
+"""The operations HTTP endpoint: ``/healthz`` and Prometheus ``/metrics``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from sqlalchemy import text
+
+from cli.runtime import Runtime
+
+LOG = logging.getLogger(__name__)
+
+StartResponse = Callable[..., Any]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+        LOG.debug("http: " + format, *args)
+
+
+def health(runtime: Runtime) -> tuple[bool, dict[str, str]]:
+    """Check the database answers and the archive directories are writable."""
+    checks: dict[str, str] = {}
+    try:
+        with runtime.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"error: {type(exc).__name__}"
+    import os
+
+    for name, path in (("archive", runtime.files.root), ("staging", runtime.files.tmp)):
+        checks[name] = "ok" if os.access(path, os.W_OK) else "error: not writable"
+    return all(v == "ok" for v in checks.values()), checks
+
+
+def make_app(runtime: Runtime, registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
+    """The WSGI application serving the two endpoints."""
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        if path == "/healthz":
+            ok, checks = health(runtime)
+            body = json.dumps({"status": "ok" if ok else "error", **checks}).encode()
+            status = "200 OK" if ok else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "application/json")])
+            return [body]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found: try /healthz or /metrics\n"]
+
+    return app
+
+
+class OpsServer:
+    """Serves the operations endpoint in a background thread."""
+
+    def __init__(self, runtime: Runtime, host: str, port: int) -> None:
+        self._server: WSGIServer = make_server(
+            host, port, make_app(runtime, runtime.registry), handler_class=_QuietHandler
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="ops-http", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

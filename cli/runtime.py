@@ -1,0 +1,90 @@
+"""Composition root: build every service from the settings, once per process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+from pynetdicom import _config as pynetdicom_config
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from cli.database import current_revision, head_revision, make_engine, make_sessions
+from config.settings import Settings
+from dicom_node.archive.files import InstanceFiles
+from dicom_node.archive.index import ArchiveIndex
+from dicom_node.archive.service import Archive
+from dicom_node.contexts import supported_contexts
+from dicom_node.handlers import NodeHandlers
+from dicom_node.metrics import NodeMetrics
+from dicom_node.server import DicomNode
+
+
+class SchemaOutOfDate(RuntimeError):
+    """The database schema is older than this version of consentgate."""
+
+
+@dataclass
+class Runtime:
+    """The services of one consentgate process."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    files: InstanceFiles
+    index: ArchiveIndex
+    archive: Archive
+    registry: CollectorRegistry
+    metrics: NodeMetrics
+
+    def close(self) -> None:
+        """Release the database connections."""
+        self.engine.dispose()
+
+
+def configure_pynetdicom() -> None:
+    """Process-wide pynetdicom settings: no identifiers (patient data) in its logs, and
+    files sent from disk as they are."""
+    pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
+    pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """Wire the settings to the archive, index and metrics (no network yet)."""
+    node = settings.node
+    engine = make_engine(node.effective_database_url, pool_size=node.max_associations + 2)
+    sessions = make_sessions(engine)
+    files = InstanceFiles(node.data_dir)
+    index = ArchiveIndex(sessions)
+    registry = CollectorRegistry()
+    return Runtime(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        files=files,
+        index=index,
+        archive=Archive(files, index),
+        registry=registry,
+        metrics=NodeMetrics(registry),
+    )
+
+
+def check_schema(runtime: Runtime) -> None:
+    """Raise :class:`SchemaOutOfDate` unless the database is at the newest revision."""
+    current, head = current_revision(runtime.engine), head_revision()
+    if current != head:
+        raise SchemaOutOfDate(
+            f"database schema is at {current or 'nothing'}, this version needs {head}: "
+            "run 'consentgate init' (new installation) or 'consentgate db upgrade'"
+        )
+
+
+def build_node(runtime: Runtime) -> DicomNode:
+    """The DICOM node with its handlers bound to the runtime's services."""
+    configure_pynetdicom()
+    contexts = supported_contexts()
+    handlers = NodeHandlers(
+        runtime.settings, runtime.archive, runtime.sessions, runtime.metrics, contexts
+    )
+    return DicomNode(runtime.settings.node, contexts, handlers.bindings())

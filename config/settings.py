@@ -1,0 +1,293 @@
+"""Load the TOML configuration into one immutable, validated settings object.
+
+Resolution order for the file: ``--config PATH``, then ``$CONSENTGATE_CONFIG``, then
+``./consentgate.toml``, then the built-in defaults. Any unknown key or bad value raises
+:class:`ConfigError` whose message names the key and the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_NAME = "consentgate.toml"
+ENV_VAR = "CONSENTGATE_CONFIG"
+
+SERVICES = frozenset({"echo", "store", "find", "move", "get"})
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
+_DUPLICATE_POLICIES = ("keep",)
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable or invalid."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The ``[node]`` table: this gateway's own identity and resources."""
+
+    ae_title: str = "CONSENTGATE"
+    dicom_host: str = "127.0.0.1"
+    dicom_port: int = 11112
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    data_dir: Path = Path("var")
+    database_url: str = ""
+    max_associations: int = 10
+    max_pdu: int = 1_048_576
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 30.0
+    network_timeout: float = 60.0
+    shutdown_grace: float = 30.0
+    on_duplicate: str = "keep"
+
+    @property
+    def effective_database_url(self) -> str:
+        """The database URL, defaulting to SQLite inside ``data_dir``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'consentgate.db').as_posix()}"
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    """One ``[[peers]]`` entry: a remote application entity we talk to."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    services: frozenset[str] = field(default_factory=frozenset)
+    issuer: str = ""
+
+    def allows(self, service: str) -> bool:
+        """Whether this peer may use ``service`` (``echo``, ``store``, ...) on us."""
+        return service in self.services
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything consentgate reads from its configuration file."""
+
+    node: NodeSettings = field(default_factory=NodeSettings)
+    peers: tuple[PeerSettings, ...] = ()
+    source: str = "<built-in defaults>"
+
+    def peer_by_name(self, name: str) -> PeerSettings | None:
+        """The peer called ``name`` (case-sensitive), or ``None``."""
+        return next((p for p in self.peers if p.name == name), None)
+
+    def peer_by_ae_title(self, ae_title: str) -> PeerSettings | None:
+        """The first peer whose AE title is ``ae_title``, or ``None``."""
+        return next((p for p in self.peers if p.ae_title == ae_title), None)
+
+    def peers_for_association(self, ae_title: str, address: str) -> PeerSettings | None:
+        """The peer with this calling AE title whose host matches ``address``."""
+        for peer in self.peers:
+            if peer.ae_title == ae_title and host_matches(peer.host, address):
+                return peer
+        return None
+
+
+def host_matches(configured: str, address: str) -> bool:
+    """Whether a connecting ``address`` is the configured host (IP, network or name)."""
+    if configured == address:
+        return True
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    try:
+        if "/" in configured:
+            return ip in ipaddress.ip_network(configured, strict=False)
+        return ip == ipaddress.ip_address(configured)
+    except ValueError:
+        pass
+    if configured == "localhost":
+        return ip.is_loopback
+    return False
+
+
+def locate_config(explicit: str | os.PathLike[str] | None) -> Path | None:
+    """Return the configuration file to use, or ``None`` for built-in defaults."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    local = Path(DEFAULT_CONFIG_NAME)
+    if local.is_file():
+        return local
+    return None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Load and validate settings.
+
+    Parameters
+    ----------
+    path : path-like, optional
+        An explicit configuration file; when omitted the resolution order of the
+        module docstring applies.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, is not valid TOML, or has an unknown key or bad value.
+    """
+    located = locate_config(path)
+    if located is None:
+        return Settings()
+    try:
+        raw = tomllib.loads(located.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{located}: configuration file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{located}: cannot read configuration file ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{located}: invalid TOML: {exc}") from None
+    return parse_settings(raw, source=str(located), base_dir=located.parent)
+
+
+def parse_settings(raw: Mapping[str, Any], *, source: str, base_dir: Path) -> Settings:
+    """Validate a parsed TOML document into :class:`Settings`."""
+    _known(raw, {"node", "peers"}, source, "")
+    node = _parse_node(_table(raw.get("node", {}), source, "node"), source, base_dir)
+    peers_raw = raw.get("peers", [])
+    if not isinstance(peers_raw, list):
+        raise ConfigError(f"{source}: 'peers' must be an array of tables ([[peers]])")
+    peers = tuple(
+        _parse_peer(_table(item, source, f"peers[{i}]"), source, f"peers[{i}]")
+        for i, item in enumerate(peers_raw)
+    )
+    names = [p.name for p in peers]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"{source}: peers.name '{name}' is defined more than once")
+    return Settings(node=node, peers=peers, source=source)
+
+
+def _parse_node(tbl: Mapping[str, Any], source: str, base_dir: Path) -> NodeSettings:
+    defaults = NodeSettings()
+    _known(tbl, set(NodeSettings.__dataclass_fields__), source, "node")
+    data_dir_raw = _str(tbl, "data_dir", str(defaults.data_dir), source, "node")
+    data_dir = Path(data_dir_raw).expanduser()
+    if not data_dir.is_absolute():
+        data_dir = (base_dir / data_dir).resolve()
+    node = NodeSettings(
+        ae_title=_ae(tbl, "ae_title", defaults.ae_title, source, "node"),
+        dicom_host=_str(tbl, "dicom_host", defaults.dicom_host, source, "node"),
+        dicom_port=_port(tbl, "dicom_port", defaults.dicom_port, source, "node"),
+        http_host=_str(tbl, "http_host", defaults.http_host, source, "node"),
+        http_port=_port(tbl, "http_port", defaults.http_port, source, "node", allow_zero=True),
+        data_dir=data_dir,
+        database_url=_str(tbl, "database_url", "", source, "node"),
+        max_associations=_int(tbl, "max_associations", defaults.max_associations, source,
+                              "node", 1, 1000),
+        max_pdu=_int(tbl, "max_pdu", defaults.max_pdu, source, "node", 4096, 16 * 1024 * 1024),
+        acse_timeout=_float(tbl, "acse_timeout", defaults.acse_timeout, source, "node"),
+        dimse_timeout=_float(tbl, "dimse_timeout", defaults.dimse_timeout, source, "node"),
+        network_timeout=_float(tbl, "network_timeout", defaults.network_timeout, source, "node"),
+        shutdown_grace=_float(tbl, "shutdown_grace", defaults.shutdown_grace, source, "node"),
+        on_duplicate=_choice(tbl, "on_duplicate", defaults.on_duplicate, _DUPLICATE_POLICIES,
+                             source, "node"),
+    )
+    if node.database_url and not node.database_url.startswith(("sqlite", "postgresql")):
+        raise ConfigError(
+            f"{source}: node.database_url must start with 'sqlite' or 'postgresql'"
+        )
+    return node
+
+
+def _parse_peer(tbl: Mapping[str, Any], source: str, where: str) -> PeerSettings:
+    _known(tbl, {"name", "ae_title", "host", "port", "services", "issuer"}, source, where)
+    for key in ("name", "ae_title", "host", "port"):
+        if key not in tbl:
+            raise ConfigError(f"{source}: {where}.{key} is required")
+    services_raw = tbl.get("services", [])
+    if not isinstance(services_raw, list) or not all(isinstance(s, str) for s in services_raw):
+        raise ConfigError(f"{source}: {where}.services must be a list of strings")
+    unknown = sorted(set(services_raw) - SERVICES)
+    if unknown:
+        raise ConfigError(
+            f"{source}: {where}.services has unknown value(s) {', '.join(unknown)} "
+            f"(allowed: {', '.join(sorted(SERVICES))})"
+        )
+    name = _str(tbl, "name", "", source, where)
+    if not name:
+        raise ConfigError(f"{source}: {where}.name must not be empty")
+    return PeerSettings(
+        name=name,
+        ae_title=_ae(tbl, "ae_title", "", source, where),
+        host=_str(tbl, "host", "", source, where),
+        port=_port(tbl, "port", 0, source, where),
+        services=frozenset(services_raw),
+        issuer=_str(tbl, "issuer", "", source, where),
+    )
+
+
+def _table(value: Any, source: str, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: '{where}' must be a table")
+    return value
+
+
+def _known(tbl: Mapping[str, Any], allowed: set[str], source: str, where: str) -> None:
+    for key in tbl:
+        if key not in allowed:
+            name = f"{where}.{key}" if where else key
+            raise ConfigError(f"{source}: unknown key '{name}'")
+
+
+def _str(tbl: Mapping[str, Any], key: str, default: str, source: str, where: str) -> str:
+    value = tbl.get(key, default)
+    if not isinstance(value, str):
+        raise ConfigError(f"{source}: {where}.{key} must be a string")
+    return value
+
+
+def _int(tbl: Mapping[str, Any], key: str, default: int, source: str, where: str,
+         low: int, high: int) -> int:
+    value = tbl.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{source}: {where}.{key} must be an integer")
+    if not low <= value <= high:
+        raise ConfigError(f"{source}: {where}.{key} must be between {low} and {high}")
+    return value
+
+
+def _port(tbl: Mapping[str, Any], key: str, default: int, source: str, where: str,
+          allow_zero: bool = False) -> int:
+    return _int(tbl, key, default, source, where, 0 if allow_zero else 1, 65535)
+
+
+def _float(tbl: Mapping[str, Any], key: str, default: float, source: str, where: str) -> float:
+    value = tbl.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{source}: {where}.{key} must be a number of seconds")
+    if not 0 < value <= 86400:
+        raise ConfigError(f"{source}: {where}.{key} must be > 0 and <= 86400 seconds")
+    return float(value)
+
+
+def _ae(tbl: Mapping[str, Any], key: str, default: str, source: str, where: str) -> str:
+    value = _str(tbl, key, default, source, where).strip()
+    if not _AE_RE.match(value):
+        raise ConfigError(
+            f"{source}: {where}.{key} must be 1-16 printable characters without backslash"
+        )
+    return value
+
+
+def _choice(tbl: Mapping[str, Any], key: str, default: str, allowed: tuple[str, ...],
+            source: str, where: str) -> str:
+    value = _str(tbl, key, default, source, where)
+    if value not in allowed:
+        raise ConfigError(f"{source}: {where}.{key} must be one of {', '.join(allowed)}")
+    return value

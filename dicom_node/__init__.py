@@ -1,0 +1,1 @@
+"""The DICOM application entity: archive, SCP handlers and SCU side of consentgate."""

@@ -1,0 +1,201 @@
+"""Writes to the archive index: one transaction per stored instance."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.archive.header import InstanceHeader
+from dicom_node.archive.models import Instance, Patient, Series, Study
+
+
+class ArchiveIndex:
+    """The patient/study/series/instance index, bound to one sessionmaker."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        """The sessionmaker used for every unit of work."""
+        return self._sessions
+
+    def find_instance(self, sop_instance_uid: str) -> Instance | None:
+        """The index row of an instance, or ``None``."""
+        with self._sessions() as session:
+            return session.scalars(
+                select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
+            ).one_or_none()
+
+    def add_instance(
+        self,
+        header: InstanceHeader,
+        *,
+        issuer: str,
+        transfer_syntax_uid: str,
+        size: int,
+        relative_path: str,
+        calling_ae: str,
+        received_at: datetime | None = None,
+    ) -> int:
+        """Insert the instance and its parents in one committed transaction.
+
+        Returns the new instance's primary key.
+        """
+        received = received_at or datetime.now(UTC)
+        with self._sessions.begin() as session:
+            insert = _insert_for(session)
+            patient_pk = _get_or_create(
+                session,
+                insert,
+                Patient,
+                {"issuer": issuer, "patient_id": header.patient_id},
+                {
+                    "patient_name": header.patient_name,
+                    "birth_date": header.birth_date,
+                    "sex": header.sex,
+                },
+                ["issuer", "patient_id"],
+            )
+            study_pk = _get_or_create(
+                session,
+                insert,
+                Study,
+                {"study_instance_uid": header.study_instance_uid},
+                {
+                    "patient_pk": patient_pk,
+                    "study_date": header.study_date,
+                    "study_time": header.study_time,
+                    "accession_number": header.accession_number,
+                    "study_id": header.study_id,
+                    "study_description": header.study_description,
+                    "referring_physician_name": header.referring_physician_name,
+                    "modalities": "",
+                    "number_of_series": 0,
+                    "number_of_instances": 0,
+                },
+                ["study_instance_uid"],
+            )
+            series_pk, series_new = _get_or_create_flag(
+                session,
+                insert,
+                Series,
+                {"series_instance_uid": header.series_instance_uid},
+                {
+                    "study_pk": study_pk,
+                    "modality": header.modality,
+                    "series_number": header.series_number,
+                    "series_description": header.series_description,
+                    "body_part_examined": header.body_part_examined,
+                    "series_date": header.series_date,
+                    "series_time": header.series_time,
+                    "number_of_instances": 0,
+                },
+                ["series_instance_uid"],
+            )
+            instance = Instance(
+                series_pk=series_pk,
+                sop_instance_uid=header.sop_instance_uid,
+                sop_class_uid=header.sop_class_uid,
+                instance_number=header.instance_number,
+                number_of_frames=header.number_of_frames,
+                transfer_syntax_uid=transfer_syntax_uid,
+                size=size,
+                path=relative_path,
+                calling_ae=calling_ae[:16],
+                received_at=received,
+            )
+            session.add(instance)
+            session.flush()
+            session.execute(
+                update(Series)
+                .where(Series.id == series_pk)
+                .values(number_of_instances=Series.number_of_instances + 1)
+            )
+            study_values: dict[str, Any] = {
+                "number_of_instances": Study.number_of_instances + 1
+            }
+            if series_new:
+                study_values["number_of_series"] = Study.number_of_series + 1
+            session.execute(update(Study).where(Study.id == study_pk).values(**study_values))
+            if series_new and header.modality:
+                _add_modality(session, study_pk, header.modality)
+            return instance.id
+
+    def counts(self) -> dict[str, int]:
+        """Number of patients, studies, series and instances, and total bytes."""
+        with self._sessions() as session:
+            return {
+                "patients": session.scalar(select(func.count(Patient.id))) or 0,
+                "studies": session.scalar(select(func.count(Study.id))) or 0,
+                "series": session.scalar(select(func.count(Series.id))) or 0,
+                "instances": session.scalar(select(func.count(Instance.id))) or 0,
+                "bytes": session.scalar(select(func.coalesce(func.sum(Instance.size), 0))) or 0,
+            }
+
+
+def _insert_for(session: Session) -> Callable[..., Any]:
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert
+    if dialect == "sqlite":
+        return sqlite.insert
+    raise RuntimeError(f"unsupported database dialect {dialect}")
+
+
+def _get_or_create(
+    session: Session,
+    insert: Callable[..., Any],
+    model: type[Any],
+    keys: dict[str, Any],
+    values: dict[str, Any],
+    conflict_columns: list[str],
+) -> int:
+    pk, _ = _get_or_create_flag(session, insert, model, keys, values, conflict_columns)
+    return pk
+
+
+def _get_or_create_flag(
+    session: Session,
+    insert: Callable[..., Any],
+    model: type[Any],
+    keys: dict[str, Any],
+    values: dict[str, Any],
+    conflict_columns: list[str],
+) -> tuple[int, bool]:
+    """Return the primary key of the row with ``keys``, inserting it if absent.
+
+    ``INSERT ... ON CONFLICT DO NOTHING`` makes concurrent creators agree on one row.
+    """
+    conditions = [getattr(model, k) == v for k, v in keys.items()]
+    existing = session.scalar(select(model.id).where(*conditions))
+    if existing is not None:
+        return int(existing), False
+    stmt = (
+        insert(model)
+        .values(**keys, **values)
+        .on_conflict_do_nothing(index_elements=conflict_columns)
+        .returning(model.id)
+    )
+    created = session.scalar(stmt)
+    if created is not None:
+        return int(created), True
+    found = session.scalar(select(model.id).where(*conditions))
+    if found is None:  # pragma: no cover - the row must exist after a conflict
+        raise RuntimeError(f"{model.__name__} row vanished during insert")
+    return int(found), False
+
+
+def _add_modality(session: Session, study_pk: int, modality: str) -> None:
+    current = session.scalar(select(Study.modalities).where(Study.id == study_pk)) or ""
+    present = [m for m in current.split("\\") if m]
+    if modality not in present:
+        present.append(modality)
+        session.execute(
+            update(Study).where(Study.id == study_pk).values(modalities="\\".join(present)[:128])
+        )

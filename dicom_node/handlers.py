@@ -1,0 +1,308 @@
+"""Event handlers of the DICOM node: thin, never raising, every failure a DIMSE status.
+
+Handlers receive everything through :class:`NodeHandlers` (settings, archive, sessions,
+metrics); they hold no state of their own between requests.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import build_context, evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import PeerSettings, Settings
+from dicom_node.archive.models import Instance
+from dicom_node.archive.service import Archive, StoreOutcome
+from dicom_node.contexts import QR_SOP_CLASSES, contexts_for_services
+from dicom_node.errors import NodeError
+from dicom_node.metrics import NodeMetrics
+from dicom_node.qr.matching import IdentifierError, Root, build_query, response_identifier
+
+LOG = logging.getLogger(__name__)
+
+_PATIENT_ROOT = {
+    QR_SOP_CLASSES["find"][0],
+    QR_SOP_CLASSES["move"][0],
+    QR_SOP_CLASSES["get"][0],
+}
+_REFUSED = 0x0124
+_UNABLE = 0xC000
+_MAX_SUBOPERATIONS = 65535
+
+
+@dataclass(frozen=True)
+class _Match:
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+class NodeHandlers:
+    """The node's pynetdicom event handlers, bound to the services they use."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        archive: Archive,
+        sessions: sessionmaker[Session],
+        metrics: NodeMetrics,
+        contexts: list[PresentationContext],
+    ) -> None:
+        self._settings = settings
+        self._archive = archive
+        self._sessions = sessions
+        self._metrics = metrics
+        self._contexts = contexts
+
+    def bindings(self) -> list[tuple[Any, Any]]:
+        """The ``evt_handlers`` list for ``AE.start_server``."""
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_ACCEPTED, self.on_accepted),
+            (evt.EVT_REJECTED, self.on_rejected),
+            (evt.EVT_CONN_OPEN, self.on_conn_open),
+            (evt.EVT_CONN_CLOSE, self.on_conn_close),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_MOVE, self.on_move),
+            (evt.EVT_C_GET, self.on_get),
+        ]
+
+    # -- association ------------------------------------------------------------------
+
+    def _peer(self, event: Event) -> PeerSettings | None:
+        requestor = event.assoc.requestor
+        calling = requestor.ae_title
+        if not calling and requestor.primitive is not None:  # not yet set in EVT_REQUESTED
+            calling = requestor.primitive.calling_ae_title
+        return self._settings.peers_for_association(str(calling).strip(), str(requestor.address))
+
+    def on_requested(self, event: Event) -> None:
+        """Closed by default: refuse unknown peers, offer only their allowed services."""
+        peer = self._peer(event)
+        if peer is None:
+            requestor = event.assoc.requestor
+            LOG.warning(
+                "association refused: calling AE %r from %s is not a configured peer",
+                str(requestor.primitive.calling_ae_title).strip(),
+                requestor.address,
+            )
+            # rejected-permanent, service user, calling AE title not recognised; kill()
+            # waits until the DUL has sent the rejection before the socket is closed
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            event.assoc.kill()
+            return
+        event.assoc.acceptor.supported_contexts = contexts_for_services(
+            self._contexts, peer.services
+        )
+
+    def on_accepted(self, event: Event) -> None:
+        self._metrics.associations.labels("accepted").inc()
+
+    def on_rejected(self, event: Event) -> None:
+        self._metrics.associations.labels("rejected").inc()
+
+    def on_conn_open(self, event: Event) -> None:
+        self._metrics.active_associations.inc()
+
+    def on_conn_close(self, event: Event) -> None:
+        self._metrics.active_associations.dec()
+
+    # -- verification -----------------------------------------------------------------
+
+    def on_echo(self, event: Event) -> int:
+        peer = self._peer(event)
+        if peer is None or not peer.allows("echo"):
+            self._metrics.errors.labels("echo", hex(_REFUSED)).inc()
+            return _REFUSED
+        return 0x0000
+
+    # -- storage ----------------------------------------------------------------------
+
+    def on_store(self, event: Event) -> int:
+        """Store the bytes as received; success only once file and index are durable."""
+        try:
+            peer = self._peer(event)
+            if peer is None or not peer.allows("store"):
+                self._metrics.errors.labels("store", hex(_REFUSED)).inc()
+                return _REFUSED
+            request = event.request
+            result = self._archive.store(
+                event.encoded_dataset(include_meta=False),
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                command_sop_class_uid=str(request.AffectedSOPClassUID or ""),
+                command_sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+                calling_ae=peer.ae_title,
+                default_issuer=peer.issuer,
+            )
+        except NodeError as exc:
+            LOG.warning("C-STORE refused with 0x%04X: %s", exc.status, exc)
+            self._metrics.errors.labels("store", hex(exc.status)).inc()
+            return exc.status
+        except Exception as exc:  # a handler must answer, whatever happened
+            LOG.error("C-STORE failed unexpectedly: %s", type(exc).__name__)
+            self._metrics.errors.labels("store", hex(0xA700)).inc()
+            return 0xA700
+        self._metrics.instances_received.labels(result.outcome.value).inc()
+        if result.outcome is StoreOutcome.STORED:
+            self._metrics.bytes_received.inc(result.size)
+        return 0x0000
+
+    # -- query ------------------------------------------------------------------------
+
+    def on_find(self, event: Event) -> Iterator[tuple[int, Dataset | None]]:
+        """Answer C-FIND from the index, streaming matches."""
+        peer = self._peer(event)
+        if peer is None or not peer.allows("find"):
+            self._metrics.errors.labels("find", hex(_REFUSED)).inc()
+            yield _REFUSED, None
+            return
+        root = self._root(event)
+        try:
+            query = build_query(event.identifier, root)
+        except IdentifierError as exc:
+            self._metrics.errors.labels("find", hex(exc.status)).inc()
+            yield exc.status, None
+            return
+        except Exception as exc:
+            LOG.warning("C-FIND identifier cannot be read: %s", type(exc).__name__)
+            self._metrics.errors.labels("find", hex(0xC310)).inc()
+            yield 0xC310, None  # unable to process: cannot decode the identifier
+            return
+        self._metrics.queries.labels(query.level.name).inc()
+        try:
+            with self._sessions() as session:
+                result = session.execute(query.statement.execution_options(yield_per=500))
+                for row in result:
+                    if event.is_cancelled:
+                        yield 0xFE00, None
+                        return
+                    yield 0xFF00, response_identifier(
+                        row, query, retrieve_ae=self._settings.node.ae_title
+                    )
+        except SQLAlchemyError as exc:
+            LOG.error("C-FIND index query failed: %s", type(exc).__name__)
+            self._metrics.errors.labels("find", hex(_UNABLE)).inc()
+            yield _UNABLE, None
+            return
+        yield 0x0000, None
+
+    # -- retrieve ---------------------------------------------------------------------
+
+    def on_move(self, event: Event) -> Iterator[Any]:
+        """C-MOVE to a configured peer; the first yield is the destination."""
+        destination = self._settings.peer_by_ae_title(str(event.move_destination).strip())
+        if destination is None:
+            self._metrics.errors.labels("move", hex(0xA801)).inc()
+            yield None, None
+            return
+        matches, failure = self._prepare(event, "move")
+        kwargs: dict[str, Any] = {"ae_title": destination.ae_title}
+        if matches:
+            kwargs["contexts"] = _contexts_for(matches)
+        else:
+            kwargs["contexts"] = [build_context(Verification)]
+        yield destination.host, destination.port, kwargs
+        yield from self._send_matches(event, matches, failure, "move")
+
+    def on_get(self, event: Event) -> Iterator[Any]:
+        """C-GET: send matches back over the requestor's association."""
+        matches, failure = self._prepare(event, "get")
+        yield from self._send_matches(event, matches, failure, "get")
+
+    def _prepare(self, event: Event, service: str) -> tuple[list[_Match], int | None]:
+        """The instances to send, or a failure status."""
+        peer = self._peer(event)
+        status: int
+        if peer is None or not peer.allows(service):
+            status = _REFUSED
+        else:
+            try:
+                matches = self._matches(event.identifier, self._root(event))
+            except NodeError as exc:
+                status = exc.status
+            except Exception as exc:
+                LOG.warning("C-%s cannot be processed: %s", service.upper(), type(exc).__name__)
+                status = _UNABLE
+            else:
+                if len(matches) <= _MAX_SUBOPERATIONS:
+                    return matches, None
+                status = 0xA702  # out of resources: too many sub-operations
+        self._metrics.errors.labels(service, hex(status)).inc()
+        return [], status
+
+    def _send_matches(
+        self, event: Event, matches: list[_Match], failure: int | None, service: str
+    ) -> Iterator[Any]:
+        if failure is not None:
+            yield 1
+            yield failure, None
+            return
+        yield len(matches)
+        for match in matches:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            try:
+                dataset = dcmread(match.path)
+            except (OSError, ValueError) as exc:
+                LOG.error("archived file unreadable: %s", type(exc).__name__)
+                failed = Dataset()
+                failed.FailedSOPInstanceUIDList = [match.sop_instance_uid]
+                yield 0xA702, failed
+                return
+            self._metrics.retrieved.labels(service).inc()
+            yield 0xFF00, dataset
+
+    def _matches(self, identifier: Dataset, root: Root) -> list[_Match]:
+        query = build_query(identifier, root, for_retrieve=True)
+        stmt = query.statement.with_only_columns(
+            Instance.path,
+            Instance.sop_class_uid,
+            Instance.sop_instance_uid,
+            Instance.transfer_syntax_uid,
+        )
+        try:
+            with self._sessions() as session:
+                rows = session.execute(stmt).all()
+        except SQLAlchemyError as exc:
+            LOG.error("retrieve index query failed: %s", type(exc).__name__)
+            raise NodeError("index unavailable", 0xC000) from None
+        return [
+            _Match(self._archive.files.absolute(r[0]), r[1], r[2], r[3]) for r in rows
+        ]
+
+    @staticmethod
+    def _root(event: Event) -> Root:
+        sop_class = str(event.request.AffectedSOPClassUID)
+        return Root.PATIENT if sop_class in _PATIENT_ROOT else Root.STUDY
+
+
+def _contexts_for(matches: list[_Match]) -> list[PresentationContext]:
+    """One context per SOP class offering its stored syntaxes plus uncompressed ones."""
+    syntaxes: dict[str, list[str]] = {}
+    for match in matches:
+        offered = syntaxes.setdefault(match.sop_class_uid, [])
+        if match.transfer_syntax_uid not in offered:
+            offered.append(match.transfer_syntax_uid)
+    contexts = []
+    for sop_class, offered in list(syntaxes.items())[:128]:
+        for uncompressed in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if uncompressed not in offered:
+                offered.append(uncompressed)
+        contexts.append(build_context(sop_class, offered))
+    return contexts

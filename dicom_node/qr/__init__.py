@@ -1,0 +1,1 @@
+"""Query/retrieve over the archive index: identifier matching and result building."""

@@ -1,0 +1,147 @@
+"""Our side as association requestor: C-ECHO and sending files to a peer."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import build_context, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification
+from pynetdicom.association import Association
+
+from config.settings import NodeSettings, PeerSettings
+from dicom_node.server import make_ae
+from dicom_node.transport import tune_socket
+
+LOG = logging.getLogger(__name__)
+_MAX_CONTEXTS = 128
+_UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+
+
+class ScuError(Exception):
+    """The peer could not be reached or refused the association."""
+
+
+@dataclass
+class SendReport:
+    """Outcome of :func:`send_files`."""
+
+    sent: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    bytes_sent: int = 0
+
+
+def _nodelay(event: Event) -> None:
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        tune_socket(sock)
+
+
+def connect(node: NodeSettings, peer: PeerSettings, contexts: list[object]) -> Association:
+    """Open an association to ``peer`` with TCP_NODELAY set; raises :class:`ScuError`."""
+    ae = make_ae(node)
+    ae.requested_contexts = contexts  # type: ignore[assignment]
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        max_pdu=node.max_pdu,
+        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+    )
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            raise ScuError(f"peer {peer.name} rejected the association")
+        raise ScuError(f"cannot associate with peer {peer.name} at {peer.host}:{peer.port}")
+    return assoc
+
+
+def echo(node: NodeSettings, peer: PeerSettings) -> int:
+    """Send a C-ECHO; returns the status (raises :class:`ScuError` if unreachable)."""
+    assoc = connect(node, peer, [build_context(Verification)])
+    try:
+        status = assoc.send_c_echo()
+        if not status or "Status" not in status:
+            raise ScuError(f"no C-ECHO response from peer {peer.name}")
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def expand_paths(paths: Iterable[Path]) -> list[Path]:
+    """Files named directly, plus every file below named directories (sorted)."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        else:
+            files.append(path)
+    return files
+
+
+def send_files(
+    node: NodeSettings,
+    peer: PeerSettings,
+    files: list[Path],
+    progress: Callable[[Path, int], None] | None = None,
+) -> SendReport:
+    """Send Part 10 files over one association, as stored (no decode/re-encode).
+
+    Files that are not DICOM Part 10 are skipped and reported.
+    """
+    report = SendReport()
+    metas: list[tuple[Path, str, str]] = []
+    for path in files:
+        try:
+            meta = read_file_meta_info(path)
+            metas.append(
+                (path, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+            )
+        except (InvalidDicomError, OSError, AttributeError, ValueError) as exc:
+            report.skipped.append((path, f"not a DICOM Part 10 file ({type(exc).__name__})"))
+    if not metas:
+        return report
+    wanted: dict[str, set[str]] = {}
+    for _, sop_class, syntax in metas:
+        wanted.setdefault(sop_class, set()).add(syntax)
+    contexts = []
+    for sop_class, syntaxes in wanted.items():
+        for syntax in sorted(syntaxes):
+            contexts.append(build_context(sop_class, [syntax]))
+    if len(contexts) > _MAX_CONTEXTS:
+        raise ScuError(
+            f"{len(contexts)} SOP class/transfer syntax pairs exceed the 128 presentation "
+            "contexts of one association: send in smaller batches"
+        )
+    assoc = connect(node, peer, contexts)
+    try:
+        for path, _, _ in metas:
+            size = os.path.getsize(path)
+            try:
+                status = assoc.send_c_store(path)
+            except (ValueError, AttributeError, OSError) as exc:
+                report.failed.append((path, type(exc).__name__))
+                continue
+            finally:
+                if progress is not None:
+                    progress(path, size)
+            code = int(status.Status) if status and "Status" in status else None
+            if code is None:
+                report.failed.append((path, "no response (association lost)"))
+                if not assoc.is_established:
+                    break
+            elif code == 0x0000 or (code & 0xF000) == 0xB000:
+                report.sent += 1
+                report.bytes_sent += size
+            else:
+                report.failed.append((path, f"status 0x{code:04X}"))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return report

@@ -1,0 +1,127 @@
+"""Network layer adjustments around pynetdicom's transport, by subclassing its public hooks.
+
+- Each accepted connection gets a :class:`GatewaySocket`: it refuses a PDU whose declared
+  length exceeds what we accept (pynetdicom would allocate whatever a peer claims), reads
+  with ``recv_into`` into one buffer, sets ``TCP_NODELAY`` and keep-alive, and answers with
+  an immediate ACK (``TCP_QUICKACK``) so a sender that leaves Nagle's algorithm on is not
+  held up by our delayed ACKs.
+- :class:`GatewayServer` is pynetdicom's threaded server with that socket and a shutdown
+  that does not reach into the AE's private server list.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+from copy import deepcopy
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from pynetdicom import evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+if TYPE_CHECKING:
+    from pynetdicom.association import Association
+
+LOG = logging.getLogger(__name__)
+
+#: A-ASSOCIATE-RQ PDUs may exceed a small maximum PDU size; never refuse below this.
+MIN_PDU_ALLOWANCE = 256 * 1024
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+def tune_socket(sock: socket.socket, *, keepalive_idle: int = 60) -> None:
+    """Disable Nagle and enable keep-alive (half-open connections are eventually found)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive_idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    except OSError:  # pragma: no cover - platform without these options
+        pass
+
+
+class GatewaySocket(AssociationSocket):
+    """An accepted connection's socket with a bound on declared PDU lengths."""
+
+    def __init__(
+        self, assoc: Association, client_socket: socket.socket, *, max_pdu_length: int
+    ) -> None:
+        super().__init__(assoc, client_socket=client_socket)
+        self.max_pdu_length = max(max_pdu_length, MIN_PDU_ALLOWANCE)
+        tune_socket(client_socket)
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read exactly ``nr_bytes`` (or fewer if the peer closes)."""
+        if nr_bytes > self.max_pdu_length + 6:
+            LOG.warning(
+                "peer declared a %d-byte PDU, over the %d-byte limit: closing connection",
+                nr_bytes,
+                self.max_pdu_length,
+            )
+            return bytearray()  # the DUL sees a short read and closes the transport
+        sock = self.socket
+        if sock is None:
+            return bytearray()
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        got = 0
+        while got < nr_bytes:
+            n = sock.recv_into(view[got:], nr_bytes - got)
+            if n == 0:
+                del view
+                return buffer[:got]
+            got += n
+        if _QUICKACK is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            except OSError:  # pragma: no cover
+                pass
+        return buffer
+
+
+class GatewayRequestHandler(RequestHandler):
+    """Creates each accepted association with a :class:`GatewaySocket`."""
+
+    def _create_association(self) -> Association:
+        from pynetdicom.association import Association
+
+        server: Any = self.server
+        ae = self.ae
+        assoc = Association(ae, MODE_ACCEPTOR)
+        assoc._server = server
+        assoc.name = f"Acceptor@{datetime.now():%Y%m%d%H%M%S}"
+        sock = GatewaySocket(
+            assoc, client_socket=self.request, max_pdu_length=ae.maximum_pdu_size
+        )
+        assoc.set_socket(sock)
+        acceptor = assoc.acceptor
+        acceptor.maximum_length = ae.maximum_pdu_size
+        acceptor.ae_title = server.ae_title
+        acceptor.address_info = self.local
+        acceptor.implementation_class_uid = ae.implementation_class_uid
+        acceptor.implementation_version_name = ae.implementation_version_name
+        acceptor.supported_contexts = deepcopy(server.contexts)
+        assoc.requestor.address_info = self.remote
+        for event, handlers in server._handlers.items():
+            if event.is_intervention and handlers:
+                assoc.bind(event, *handlers)
+            elif isinstance(event, evt.NotificationEvent):
+                for handler, args in handlers:
+                    assoc.bind(event, handler, args)
+        return assoc
+
+
+class GatewayServer(ThreadedAssociationServer):
+    """Threaded association server using :class:`GatewayRequestHandler`."""
+
+    daemon_threads = True
+
+    def stop_accepting(self) -> None:
+        """Stop the accept loop and close the listening socket; associations go on."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
