@@ -46,9 +46,11 @@ class RunningReceiver(abc.ABC):
     def count_instances(self) -> int:
         """Number of instances the receiver has stored so far."""
 
+    count_source = ""
+
     def final_count(self) -> tuple[int, str]:
         """A last, possibly slower, count and how it was obtained (after polling ended)."""
-        return self.count_instances(), "default"
+        return self.count_instances(), self.count_source
 
 
 class Receiver(abc.ABC):
@@ -87,6 +89,8 @@ def _echo_ok(echoscu: str, ae_title: str, port: int) -> bool:
 
 
 class _StoreScpRunning(RunningReceiver):
+    count_source = "files in storescp -od directory"
+
     def __init__(self, port: int, proc: ManagedProcess, out_dir: Path) -> None:
         super().__init__(StoreScp.ae_title, port, proc)
         self.out_dir = out_dir
@@ -134,6 +138,8 @@ class StoreScp(Receiver):
 
 
 class _OrthancRunning(RunningReceiver):
+    count_source = "Orthanc GET /statistics CountInstances"
+
     def __init__(self, port: int, proc: ManagedProcess, http_port: int) -> None:
         super().__init__(Orthanc.ae_title, port, proc)
         self.http_port = http_port
@@ -208,7 +214,7 @@ class Orthanc(Receiver):
 
 # --------------------------------------------------------------------------- consentgate
 
-_INSTANCES_RE = re.compile(r"instances?\b\D{0,20}?(\d+)", re.IGNORECASE)
+_INSTANCES_RE = re.compile(r"^\s*instances?\s*[:=]\s*(\d+)\b", re.IGNORECASE)
 
 
 def consentgate_toml(*, dicom_port: int, http_port: int, data_dir: Path,

@@ -1,0 +1,1 @@
+"""Consent store, decision function and consent web module (issue #3 onwards)."""

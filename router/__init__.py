@@ -1,0 +1,1 @@
+"""Consent-enforcing router: routes, durable forward queue, forwarders (issue #3)."""

@@ -1,0 +1,1 @@
+"""Consent-gated viewer (later issue)."""
