@@ -188,20 +188,20 @@ def _parse_node(tbl: Mapping[str, Any], source: str, base_dir: Path) -> NodeSett
         http_port=_port(tbl, "http_port", defaults.http_port, source, "node", allow_zero=True),
         data_dir=data_dir,
         database_url=_str(tbl, "database_url", "", source, "node"),
-        max_associations=_int(tbl, "max_associations", defaults.max_associations, source,
-                              "node", 1, 1000),
+        max_associations=_int(
+            tbl, "max_associations", defaults.max_associations, source, "node", 1, 1000
+        ),
         max_pdu=_int(tbl, "max_pdu", defaults.max_pdu, source, "node", 4096, 16 * 1024 * 1024),
         acse_timeout=_float(tbl, "acse_timeout", defaults.acse_timeout, source, "node"),
         dimse_timeout=_float(tbl, "dimse_timeout", defaults.dimse_timeout, source, "node"),
         network_timeout=_float(tbl, "network_timeout", defaults.network_timeout, source, "node"),
         shutdown_grace=_float(tbl, "shutdown_grace", defaults.shutdown_grace, source, "node"),
-        on_duplicate=_choice(tbl, "on_duplicate", defaults.on_duplicate, _DUPLICATE_POLICIES,
-                             source, "node"),
+        on_duplicate=_choice(
+            tbl, "on_duplicate", defaults.on_duplicate, _DUPLICATE_POLICIES, source, "node"
+        ),
     )
     if node.database_url and not node.database_url.startswith(("sqlite", "postgresql")):
-        raise ConfigError(
-            f"{source}: node.database_url must start with 'sqlite' or 'postgresql'"
-        )
+        raise ConfigError(f"{source}: node.database_url must start with 'sqlite' or 'postgresql'")
     return node
 
 
@@ -252,8 +252,9 @@ def _str(tbl: Mapping[str, Any], key: str, default: str, source: str, where: str
     return value
 
 
-def _int(tbl: Mapping[str, Any], key: str, default: int, source: str, where: str,
-         low: int, high: int) -> int:
+def _int(
+    tbl: Mapping[str, Any], key: str, default: int, source: str, where: str, low: int, high: int
+) -> int:
     value = tbl.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{source}: {where}.{key} must be an integer")
@@ -262,8 +263,14 @@ def _int(tbl: Mapping[str, Any], key: str, default: int, source: str, where: str
     return value
 
 
-def _port(tbl: Mapping[str, Any], key: str, default: int, source: str, where: str,
-          allow_zero: bool = False) -> int:
+def _port(
+    tbl: Mapping[str, Any],
+    key: str,
+    default: int,
+    source: str,
+    where: str,
+    allow_zero: bool = False,
+) -> int:
     return _int(tbl, key, default, source, where, 0 if allow_zero else 1, 65535)
 
 
@@ -285,8 +292,14 @@ def _ae(tbl: Mapping[str, Any], key: str, default: str, source: str, where: str)
     return value
 
 
-def _choice(tbl: Mapping[str, Any], key: str, default: str, allowed: tuple[str, ...],
-            source: str, where: str) -> str:
+def _choice(
+    tbl: Mapping[str, Any],
+    key: str,
+    default: str,
+    allowed: tuple[str, ...],
+    source: str,
+    where: str,
+) -> str:
     value = _str(tbl, key, default, source, where)
     if value not in allowed:
         raise ConfigError(f"{source}: {where}.{key} must be one of {', '.join(allowed)}")

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
-)
+
+VERIFICATION = "1.2.840.10008.1.1"
 
 #: Transfer syntaxes accepted for storage: uncompressed, deflate, JPEG, JPEG-LS,
 #: JPEG 2000, RLE and the other syntaxes pynetdicom knows.
@@ -23,24 +16,16 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(
 )
 
 QR_SOP_CLASSES: dict[str, tuple[str, ...]] = {
-    "find": (
-        str(PatientRootQueryRetrieveInformationModelFind),
-        str(StudyRootQueryRetrieveInformationModelFind),
-    ),
-    "move": (
-        str(PatientRootQueryRetrieveInformationModelMove),
-        str(StudyRootQueryRetrieveInformationModelMove),
-    ),
-    "get": (
-        str(PatientRootQueryRetrieveInformationModelGet),
-        str(StudyRootQueryRetrieveInformationModelGet),
-    ),
+    # (Patient Root, Study Root) query/retrieve information models, PS3.4 C.6
+    "find": ("1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.2.1"),
+    "move": ("1.2.840.10008.5.1.4.1.2.1.2", "1.2.840.10008.5.1.4.1.2.2.2"),
+    "get": ("1.2.840.10008.5.1.4.1.2.1.3", "1.2.840.10008.5.1.4.1.2.2.3"),
 }
 
 
 def service_of(abstract_syntax: str) -> str | None:
     """The peer service (``echo``, ``store``, ``find``, ``move``, ``get``) of a SOP class."""
-    if abstract_syntax == str(Verification):
+    if abstract_syntax == VERIFICATION:
         return "echo"
     for service, classes in QR_SOP_CLASSES.items():
         if abstract_syntax in classes:
@@ -52,7 +37,7 @@ def service_of(abstract_syntax: str) -> str | None:
 
 def supported_contexts() -> list[PresentationContext]:
     """Every context the node can accept (filtered per peer at association time)."""
-    contexts = [build_context(Verification, ALL_TRANSFER_SYNTAXES)]
+    contexts = [build_context(VERIFICATION, ALL_TRANSFER_SYNTAXES)]
     for classes in QR_SOP_CLASSES.values():
         contexts.extend(build_context(uid) for uid in classes)
     for uid in STORAGE_SOP_CLASSES:

@@ -18,14 +18,13 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import Verification
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import PeerSettings, Settings
 from dicom_node.archive.models import Instance
 from dicom_node.archive.service import Archive, StoreOutcome
-from dicom_node.contexts import QR_SOP_CLASSES, contexts_for_services
+from dicom_node.contexts import QR_SOP_CLASSES, VERIFICATION, contexts_for_services
 from dicom_node.errors import NodeError
 from dicom_node.metrics import NodeMetrics
 from dicom_node.qr.matching import IdentifierError, Root, build_query, response_identifier
@@ -98,7 +97,7 @@ class NodeHandlers:
             requestor = event.assoc.requestor
             LOG.warning(
                 "association refused: calling AE %r from %s is not a configured peer",
-                str(requestor.primitive.calling_ae_title).strip(),
+                str(getattr(requestor.primitive, "calling_ae_title", "")).strip(),
                 requestor.address,
             )
             # rejected-permanent, service user, calling AE title not recognised; kill()
@@ -140,7 +139,7 @@ class NodeHandlers:
             if peer is None or not peer.allows("store"):
                 self._metrics.errors.labels("store", hex(_REFUSED)).inc()
                 return _REFUSED
-            request = event.request
+            request: Any = event.request
             result = self._archive.store(
                 event.encoded_dataset(include_meta=False),
                 transfer_syntax_uid=str(event.context.transfer_syntax),
@@ -215,7 +214,7 @@ class NodeHandlers:
         if matches:
             kwargs["contexts"] = _contexts_for(matches)
         else:
-            kwargs["contexts"] = [build_context(Verification)]
+            kwargs["contexts"] = [build_context(VERIFICATION)]
         yield destination.host, destination.port, kwargs
         yield from self._send_matches(event, matches, failure, "move")
 

@@ -26,7 +26,8 @@ class NodeMetrics:
             registry=registry,
         )
         self.bytes_received = Counter(
-            "consentgate_bytes_received", "Dataset bytes of acknowledged instances",
+            "consentgate_bytes_received",
+            "Dataset bytes of acknowledged instances",
             registry=registry,
         )
         self.errors = Counter(

@@ -11,11 +11,12 @@ from pathlib import Path
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import build_context, evt
-from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
 from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.presentation import PresentationContext
 
 from config.settings import NodeSettings, PeerSettings
+from dicom_node.contexts import VERIFICATION
 from dicom_node.server import make_ae
 from dicom_node.transport import tune_socket
 
@@ -44,10 +45,12 @@ def _nodelay(event: Event) -> None:
         tune_socket(sock)
 
 
-def connect(node: NodeSettings, peer: PeerSettings, contexts: list[object]) -> Association:
+def connect(
+    node: NodeSettings, peer: PeerSettings, contexts: list[PresentationContext]
+) -> Association:
     """Open an association to ``peer`` with TCP_NODELAY set; raises :class:`ScuError`."""
     ae = make_ae(node)
-    ae.requested_contexts = contexts  # type: ignore[assignment]
+    ae.requested_contexts = contexts
     assoc = ae.associate(
         peer.host,
         peer.port,
@@ -64,7 +67,7 @@ def connect(node: NodeSettings, peer: PeerSettings, contexts: list[object]) -> A
 
 def echo(node: NodeSettings, peer: PeerSettings) -> int:
     """Send a C-ECHO; returns the status (raises :class:`ScuError` if unreachable)."""
-    assoc = connect(node, peer, [build_context(Verification)])
+    assoc = connect(node, peer, [build_context(VERIFICATION)])
     try:
         status = assoc.send_c_echo()
         if not status or "Status" not in status:
@@ -100,9 +103,7 @@ def send_files(
     for path in files:
         try:
             meta = read_file_meta_info(path)
-            metas.append(
-                (path, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
-            )
+            metas.append((path, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
         except (InvalidDicomError, OSError, AttributeError, ValueError) as exc:
             report.skipped.append((path, f"not a DICOM Part 10 file ({type(exc).__name__})"))
     if not metas:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import AE
 from pynetdicom.presentation import PresentationContext
@@ -49,12 +49,14 @@ class DicomNode:
             self._node.ae_title,
             self._contexts,
             None,
-            evt_handlers=self._evt_handlers,
+            evt_handlers=cast(Any, self._evt_handlers),
             request_handler=GatewayRequestHandler,
         )
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="dicom-accept",
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="dicom-accept",
             daemon=True,
         )
         self._thread.start()

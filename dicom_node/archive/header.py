@@ -115,8 +115,18 @@ def read_header(meta: bytes, dataset: bytes | bytearray | memoryview) -> Instanc
         header = _to_header(ds)
     except InvalidInstance:
         raise
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OverflowError,
-            IndexError, AttributeError, NotImplementedError, LookupError) as exc:
+    except (
+        InvalidDicomError,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+        OverflowError,
+        IndexError,
+        AttributeError,
+        NotImplementedError,
+        LookupError,
+    ) as exc:
         raise InvalidInstance(f"dataset cannot be parsed ({type(exc).__name__})") from None
     return header
 

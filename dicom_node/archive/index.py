@@ -117,9 +117,7 @@ class ArchiveIndex:
                 .where(Series.id == series_pk)
                 .values(number_of_instances=Series.number_of_instances + 1)
             )
-            study_values: dict[str, Any] = {
-                "number_of_instances": Study.number_of_instances + 1
-            }
+            study_values: dict[str, Any] = {"number_of_instances": Study.number_of_instances + 1}
             if series_new:
                 study_values["number_of_series"] = Study.number_of_series + 1
             session.execute(update(Study).where(Study.id == study_pk).values(**study_values))

@@ -86,7 +86,12 @@ _COUNTS_RETURN_ONLY = {
     "NumberOfSeriesRelatedInstances",
     "NumberOfFrames",
 }
-_NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle", "TimezoneOffsetFromUTC"}
+_NOT_KEYS = {
+    "QueryRetrieveLevel",
+    "SpecificCharacterSet",
+    "RetrieveAETitle",
+    "TimezoneOffsetFromUTC",
+}
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,7 @@ def build_query(identifier: Dataset, root: Root, *, for_retrieve: bool = False) 
 
 
 def _statement(level: Level, conditions: Sequence[ColumnElement[bool]]) -> Select[Any]:
+    stmt: Select[Any]
     if level is Level.PATIENT:
         stmt = select(Patient)
     elif level is Level.STUDY:
@@ -262,7 +268,9 @@ def response_identifier(
     row: Any, query: Query, *, retrieve_ae: str, charset_needed: bool = True
 ) -> Dataset:
     """Build one C-FIND response identifier from a result row."""
-    objects = {type(obj): obj for obj in (row if isinstance(row, tuple) else tuple(row))}
+    objects: dict[Any, Any] = {
+        type(obj): obj for obj in (row if isinstance(row, tuple) else tuple(row))
+    }
     ds = Dataset()
     ds.QueryRetrieveLevel = query.level.name
     non_ascii = False
