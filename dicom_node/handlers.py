@@ -292,16 +292,21 @@ class NodeHandlers:
 
 
 def _contexts_for(matches: list[_Match]) -> list[PresentationContext]:
-    """One context per SOP class offering its stored syntaxes plus uncompressed ones."""
-    syntaxes: dict[str, list[str]] = {}
+    """One context per SOP class and stored syntax (sent as stored, never transcoded).
+
+    The acceptor accepts a single transfer syntax per context, so two stored syntaxes of
+    one SOP class must not share a context: the instances in the syntax it did not pick
+    could not be sent. Uncompressed instances can go in either uncompressed syntax.
+    """
+    uncompressed = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    contexts: list[PresentationContext] = []
+    proposed: set[tuple[str, tuple[str, ...]]] = set()
     for match in matches:
-        offered = syntaxes.setdefault(match.sop_class_uid, [])
-        if match.transfer_syntax_uid not in offered:
-            offered.append(match.transfer_syntax_uid)
-    contexts = []
-    for sop_class, offered in list(syntaxes.items())[:128]:
-        for uncompressed in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if uncompressed not in offered:
-                offered.append(uncompressed)
-        contexts.append(build_context(sop_class, offered))
-    return contexts
+        syntax = match.transfer_syntax_uid
+        offered = uncompressed if syntax in uncompressed else (syntax,)
+        key = (match.sop_class_uid, offered)
+        if key in proposed:
+            continue
+        proposed.add(key)
+        contexts.append(build_context(match.sop_class_uid, list(offered)))
+    return contexts[:128]

@@ -15,7 +15,7 @@ from typing import Any
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import ColumnElement, Select, and_, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, func, literal, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from dicom_node.archive.models import Instance, Patient, Series, Study
@@ -240,11 +240,14 @@ def _multi_value_contains(column: InstrumentedAttribute[Any], value: str) -> Col
 def _text_match(column: InstrumentedAttribute[Any], value: str, vr: str) -> ColumnElement[bool]:
     wildcard = "*" in value or "?" in value
     if vr == "PN":
-        # person names match case-insensitively (PS3.4 C.2.2.2.1 leaves this to the SCP)
+        # person names match case-insensitively (PS3.4 C.2.2.2.1 leaves this to the SCP);
+        # the database lowers both sides: Python's lower() folds non-ASCII letters that
+        # SQLite's lower() leaves alone, so "LEFÈVRE" would not match itself otherwise
         target: Any = func.lower(column)
         if wildcard:
-            return target.like(_wildcard_to_like(value.lower()), escape="\\")  # type: ignore[no-any-return]
-        return target == value.lower()  # type: ignore[no-any-return]
+            pattern = func.lower(literal(_wildcard_to_like(value)))
+            return target.like(pattern, escape="\\")  # type: ignore[no-any-return]
+        return target == func.lower(literal(value))  # type: ignore[no-any-return]
     if wildcard:
         return column.like(_wildcard_to_like(value), escape="\\")
     return column == value
