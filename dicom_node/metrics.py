@@ -27,7 +27,7 @@ class NodeMetrics:
         )
         self.bytes_received = Counter(
             "consentgate_bytes_received",
-            "Dataset bytes of acknowledged instances",
+            "Bytes archived for newly stored instances (file size, meta included)",
             registry=registry,
         )
         self.errors = Counter(
