@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from cli import database
+from cli.consent_commands import register_consent_commands
 from cli.runtime import Runtime, SchemaOutOfDate, build_node, build_runtime, check_schema
 from config.settings import ConfigError, PeerSettings, Settings, load_settings
 
@@ -242,6 +243,14 @@ def _node_answers(host: str, port: int) -> bool:
         return False
 
 
+def _quiet_pynetdicom() -> None:
+    """As a client the command reports failures itself in one line: pynetdicom's own
+    error records ("Association request failed", ...) would repeat it as log noise."""
+    logger = logging.getLogger("pynetdicom")
+    if logger.getEffectiveLevel() > logging.DEBUG:
+        logger.setLevel(logging.CRITICAL)
+
+
 def _safe_url(url: str) -> str:
     """The URL without its password."""
     from sqlalchemy.engine import make_url
@@ -298,6 +307,7 @@ def echo(app: AppContext, peer_name: str) -> None:
     from dicom_node.scu import echo as send_echo
 
     peer = app.peer(peer_name)
+    _quiet_pynetdicom()
     try:
         code = send_echo(app.settings.node, peer)
     except ScuError as exc:
@@ -319,6 +329,7 @@ def send(app: AppContext, paths: tuple[Path, ...], peer_name: str, progress: boo
     from dicom_node.scu import ScuError, expand_paths, send_files
 
     peer = app.peer(peer_name)
+    _quiet_pynetdicom()
     files = expand_paths(paths)
     if not files:
         raise CliError("no files to send")
@@ -341,6 +352,9 @@ def send(app: AppContext, paths: tuple[Path, ...], peer_name: str, progress: boo
     )
     if report.failed or report.skipped:
         sys.exit(1)
+
+
+register_consent_commands(cli)
 
 
 def main() -> None:

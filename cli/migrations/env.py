@@ -5,9 +5,10 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Engine
 
+from consent.models import ConsentBase
 from dicom_node.archive.models import ArchiveBase
 
-target_metadata = [ArchiveBase.metadata]
+target_metadata = [ArchiveBase.metadata, ConsentBase.metadata]
 
 
 def run_migrations() -> None:

@@ -1,0 +1,175 @@
+"""Value types of the decision function, and the fast read path behind ``decide()``.
+
+The read path bypasses the ORM session on purpose: a session per call costs ~120 µs on
+SQLite (its transaction starts with ``BEGIN IMMEDIATE``, a write lock), while a pooled DBAPI
+connection running one pre-compiled Core statement in autocommit costs ~15 µs and never
+blocks or waits for writers (WAL readers see the last committed state). Nothing is cached
+but the compiled SQL text: every call reads the current committed state.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import Engine, bindparam, select
+from sqlalchemy.sql import Select
+
+from consent.models import ConsentState, Patient
+
+
+class Outcome(enum.Enum):
+    """What a route, a query or a viewer may do with a patient's data for a purpose."""
+
+    PERMIT = "permit"
+    DENY = "deny"
+    UNDECIDED = "undecided"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer of :meth:`consent.service.ConsentStore.decide`.
+
+    Attributes
+    ----------
+    outcome : Outcome
+        ``PERMIT``: data may leave. ``DENY``: it must not (the router drops the job).
+        ``UNDECIDED``: not yet known (the router holds the job).
+    reason : str
+        Why, in a few words; never holds patient data.
+    """
+
+    outcome: Outcome
+    reason: str
+
+    @property
+    def permitted(self) -> bool:
+        """Whether the outcome is :attr:`Outcome.PERMIT`."""
+        return self.outcome is Outcome.PERMIT
+
+
+@dataclass(frozen=True)
+class ConsentChange:
+    """A consent decision changed for a patient and purpose.
+
+    Attributes
+    ----------
+    patient_pk : int
+        The patient's primary key in the consent store.
+    purpose_code : str
+        The purpose concerned.
+    outcome : Outcome
+        The outcome :meth:`~consent.service.ConsentStore.decide` gives now.
+    event_id : int
+        The consent event that made the change (0 when unknown); pass the highest one seen
+        to :meth:`~consent.service.ConsentStore.changes_since` to poll for the next.
+    """
+
+    patient_pk: int
+    purpose_code: str
+    outcome: Outcome
+    event_id: int = 0
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Which consent-store patient a DICOM dataset designates.
+
+    Attributes
+    ----------
+    patient_pk : int or None
+        The patient when ``status`` is ``"matched"`` (and, for ``"mismatch"``, the candidate
+        whose demographics disagree), else ``None``.
+    status : {"matched", "unknown", "mismatch"}
+        ``unknown`` and ``mismatch`` are held for reconciliation, never forwarded.
+    reason : str
+        Why, in a few words; never holds patient data.
+    """
+
+    patient_pk: int | None
+    status: Literal["matched", "unknown", "mismatch"]
+    reason: str
+
+
+def state_query(many: bool) -> Select[Any]:
+    """``patient id, decision`` of one patient (or an expanding list) for one purpose.
+
+    The outer join tells an unknown patient (no row) from a known one without a decision
+    (a row with a NULL decision).
+    """
+    joined = Patient.__table__.outerjoin(
+        ConsentState.__table__,
+        (ConsentState.patient_pk == Patient.id) & (ConsentState.purpose_pk == bindparam("purpose")),
+    )
+    stmt = select(Patient.id, ConsentState.decision).select_from(joined)
+    if many:
+        return stmt.where(Patient.id.in_(bindparam("patients", expanding=True)))
+    return stmt.where(Patient.id == bindparam("patient"))
+
+
+class StateReader:
+    """Runs the decision lookup on a pooled DBAPI connection, one statement per call.
+
+    Thread-safe: each call checks a connection out of the engine's pool and returns it.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        compiled = state_query(False).compile(dialect=engine.dialect)
+        self._sql = compiled.string
+        self._positional: tuple[str, ...] | None = (
+            tuple(compiled.positiontup) if compiled.positiontup is not None else None
+        )
+
+    def _params(self, values: dict[str, Any]) -> Any:
+        if self._positional is None:
+            return values
+        return tuple(values[name] for name in self._positional)
+
+    def lookup(self, patient_pk: int, purpose_pk: int) -> tuple[bool, str | None]:
+        """Return ``(patient exists, stored decision or None)``."""
+        connection = self._engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            try:
+                cursor.execute(
+                    self._sql, self._params({"patient": patient_pk, "purpose": purpose_pk})
+                )
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+        finally:
+            connection.close()
+        if row is None:
+            return False, None
+        return True, row[1]
+
+    def lookup_many(self, patient_pks: Sequence[int], purpose_pk: int) -> dict[int, str | None]:
+        """Return ``{patient_pk: stored decision or None}`` for the patients that exist."""
+        found: dict[int, str | None] = {}
+        base = state_query(True)
+        connection = self._engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            try:
+                for start in range(0, len(patient_pks), 500):
+                    chunk = [int(pk) for pk in patient_pks[start : start + 500]]
+                    compiled = base.params(patients=chunk, purpose=purpose_pk).compile(
+                        dialect=self._engine.dialect, compile_kwargs={"render_postcompile": True}
+                    )
+                    params = compiled.params
+                    if compiled.positiontup is not None:
+                        cursor.execute(
+                            compiled.string, tuple(params[n] for n in compiled.positiontup)
+                        )
+                    else:
+                        cursor.execute(compiled.string, params)
+                    for pk, decision in cursor.fetchall():
+                        found[int(pk)] = decision
+            finally:
+                cursor.close()
+        finally:
+            connection.close()
+        return found
