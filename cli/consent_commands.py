@@ -40,11 +40,10 @@ def _first_line(exc: BaseException) -> str:
 @contextmanager
 def _store(ctx: click.Context) -> Iterator[ConsentStore]:
     """A :class:`ConsentStore` on the configured database; errors become one line."""
-    from consent.service import ConsentStore
 
     runtime = ctx.obj.runtime()
     try:
-        yield ConsentStore(runtime.sessions)
+        yield runtime.consent
     except ConsentError as exc:
         raise _cli_error(str(exc)) from None
     except SQLAlchemyError as exc:

@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cli import database
 from cli.consent_commands import register_consent_commands
+from cli.router_commands import register_router_commands
 from cli.runtime import Runtime, SchemaOutOfDate, build_node, build_runtime, check_schema
 from config.settings import ConfigError, PeerSettings, Settings, load_settings
 
@@ -355,6 +356,7 @@ def send(app: AppContext, paths: tuple[Path, ...], peer_name: str, progress: boo
 
 
 register_consent_commands(cli)
+register_router_commands(cli)
 
 
 def main() -> None:

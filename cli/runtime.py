@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from pynetdicom import _config as pynetdicom_config
@@ -11,6 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cli.database import current_revision, head_revision, make_engine, make_sessions
 from config.settings import Settings
+from consent.decision import Resolution
+from consent.service import ConsentStore
 from dicom_node.archive.files import InstanceFiles
 from dicom_node.archive.index import ArchiveIndex
 from dicom_node.archive.service import Archive
@@ -18,6 +22,10 @@ from dicom_node.contexts import supported_contexts
 from dicom_node.handlers import NodeHandlers
 from dicom_node.metrics import NodeMetrics
 from dicom_node.server import DicomNode
+from router.gate import AccessGate, ArchivedPatient
+from router.planner import PatientFacts, Planner
+from router.queue import JobQueue
+from router.routes import RouteTable
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -36,6 +44,11 @@ class Runtime:
     archive: Archive
     registry: CollectorRegistry
     metrics: NodeMetrics
+    consent: ConsentStore
+    queue: JobQueue
+    routes: RouteTable
+    planner: Planner
+    gate: AccessGate
 
     def close(self) -> None:
         """Release the database connections."""
@@ -58,6 +71,27 @@ def build_runtime(settings: Settings) -> Runtime:
     files = InstanceFiles(node.data_dir)
     index = ArchiveIndex(sessions)
     registry = CollectorRegistry()
+    consent = ConsentStore(sessions)
+    routes = RouteTable(settings.routes)
+
+    def resolve_facts(facts: PatientFacts) -> Resolution:
+        return consent.resolve_dicom_patient(
+            issuer=facts.issuer,
+            patient_id=facts.patient_id,
+            ins_values=facts.ins_values,
+            birth_date=facts.birth_date,
+            sex=facts.sex,
+        )
+
+    def resolve_archived(patient: ArchivedPatient) -> Resolution:
+        return consent.resolve_dicom_patient(
+            issuer=patient.issuer,
+            patient_id=patient.patient_id,
+            ins_values=(),
+            birth_date=patient.birth_date,
+            sex=patient.sex,
+        )
+
     return Runtime(
         settings=settings,
         engine=engine,
@@ -67,6 +101,11 @@ def build_runtime(settings: Settings) -> Runtime:
         archive=Archive(files, index),
         registry=registry,
         metrics=NodeMetrics(registry),
+        consent=consent,
+        queue=JobQueue(sessions),
+        routes=routes,
+        planner=Planner(routes, resolve_facts, consent.decide),
+        gate=AccessGate(resolve_archived, consent.decide),
     )
 
 
@@ -84,7 +123,18 @@ def build_node(runtime: Runtime) -> DicomNode:
     """The DICOM node with its handlers bound to the runtime's services."""
     configure_pynetdicom()
     contexts = supported_contexts()
+    consent = runtime.consent
+
+    def audit(actor: str, action: str, target: str, details: Mapping[str, Any]) -> None:
+        consent.audit(actor=actor, action=action, target=target, details=details)
+
     handlers = NodeHandlers(
-        runtime.settings, runtime.archive, runtime.sessions, runtime.metrics, contexts
+        runtime.settings,
+        runtime.archive,
+        runtime.sessions,
+        runtime.metrics,
+        contexts,
+        access=runtime.gate,
+        audit=audit,
     )
     return DicomNode(runtime.settings.node, contexts, handlers.bindings())

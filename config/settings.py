@@ -65,10 +65,38 @@ class PeerSettings:
     port: int
     services: frozenset[str] = field(default_factory=frozenset)
     issuer: str = ""
+    purpose: str = ""
 
     def allows(self, service: str) -> bool:
         """Whether this peer may use ``service`` (``echo``, ``store``, ...) on us."""
         return service in self.services
+
+
+MATCH_OPERATORS = ("equals", "one_of", "glob", "regex")
+
+
+@dataclass(frozen=True)
+class MatchCondition:
+    """One condition of a route: an attribute keyword (or ``calling_ae``) and a test.
+
+    ``operator`` is ``equals``, ``one_of``, ``glob`` (fnmatch, case-sensitive) or
+    ``regex`` (Python syntax, searched anywhere in the value); ``values`` holds one value
+    except for ``one_of``.
+    """
+
+    keyword: str
+    operator: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    """One ``[[routes]]`` entry: which instances go where, under which purpose."""
+
+    name: str
+    match: tuple[MatchCondition, ...]
+    destinations: tuple[str, ...]
+    purpose: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,6 +105,7 @@ class Settings:
 
     node: NodeSettings = field(default_factory=NodeSettings)
     peers: tuple[PeerSettings, ...] = ()
+    routes: tuple[RouteSettings, ...] = ()
     source: str = "<built-in defaults>"
 
     def peer_by_name(self, name: str) -> PeerSettings | None:
@@ -157,7 +186,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
 
 def parse_settings(raw: Mapping[str, Any], *, source: str, base_dir: Path) -> Settings:
     """Validate a parsed TOML document into :class:`Settings`."""
-    _known(raw, {"node", "peers"}, source, "")
+    _known(raw, {"node", "peers", "routes"}, source, "")
     node = _parse_node(_table(raw.get("node", {}), source, "node"), source, base_dir)
     peers_raw = raw.get("peers", [])
     if not isinstance(peers_raw, list):
@@ -170,7 +199,18 @@ def parse_settings(raw: Mapping[str, Any], *, source: str, base_dir: Path) -> Se
     for name in names:
         if names.count(name) > 1:
             raise ConfigError(f"{source}: peers.name '{name}' is defined more than once")
-    return Settings(node=node, peers=peers, source=source)
+    routes_raw = raw.get("routes", [])
+    if not isinstance(routes_raw, list):
+        raise ConfigError(f"{source}: 'routes' must be an array of tables ([[routes]])")
+    routes = tuple(
+        _parse_route(_table(item, source, f"routes[{i}]"), source, f"routes[{i}]", set(names))
+        for i, item in enumerate(routes_raw)
+    )
+    route_names = [r.name for r in routes]
+    for name in route_names:
+        if route_names.count(name) > 1:
+            raise ConfigError(f"{source}: routes.name '{name}' is defined more than once")
+    return Settings(node=node, peers=peers, routes=routes, source=source)
 
 
 def _parse_node(tbl: Mapping[str, Any], source: str, base_dir: Path) -> NodeSettings:
@@ -206,7 +246,9 @@ def _parse_node(tbl: Mapping[str, Any], source: str, base_dir: Path) -> NodeSett
 
 
 def _parse_peer(tbl: Mapping[str, Any], source: str, where: str) -> PeerSettings:
-    _known(tbl, {"name", "ae_title", "host", "port", "services", "issuer"}, source, where)
+    _known(
+        tbl, {"name", "ae_title", "host", "port", "services", "issuer", "purpose"}, source, where
+    )
     for key in ("name", "ae_title", "host", "port"):
         if key not in tbl:
             raise ConfigError(f"{source}: {where}.{key} is required")
@@ -229,7 +271,72 @@ def _parse_peer(tbl: Mapping[str, Any], source: str, where: str) -> PeerSettings
         port=_port(tbl, "port", 0, source, where),
         services=frozenset(services_raw),
         issuer=_str(tbl, "issuer", "", source, where),
+        purpose=_str(tbl, "purpose", "", source, where),
     )
+
+
+def _parse_route(
+    tbl: Mapping[str, Any], source: str, where: str, peer_names: set[str]
+) -> RouteSettings:
+    _known(tbl, {"name", "match", "destinations", "purpose"}, source, where)
+    name = _str(tbl, "name", "", source, where)
+    if not name:
+        raise ConfigError(f"{source}: {where}.name is required")
+    dest_raw = tbl.get("destinations")
+    if (
+        not isinstance(dest_raw, list)
+        or not dest_raw
+        or not all(isinstance(d, str) for d in dest_raw)
+    ):
+        raise ConfigError(f"{source}: {where}.destinations must be a non-empty list of peer names")
+    for dest in dest_raw:
+        if dest not in peer_names:
+            raise ConfigError(f"{source}: {where}.destinations names unknown peer '{dest}'")
+    match_raw = _table(tbl.get("match", {}), source, f"{where}.match")
+    conditions = tuple(
+        _parse_condition(key, value, source, f"{where}.match.{key}")
+        for key, value in match_raw.items()
+    )
+    return RouteSettings(
+        name=name,
+        match=conditions,
+        destinations=tuple(dest_raw),
+        purpose=_str(tbl, "purpose", "", source, where),
+    )
+
+
+def _parse_condition(keyword: str, value: Any, source: str, where: str) -> MatchCondition:
+    from pydicom.datadict import tag_for_keyword
+
+    if keyword != "calling_ae" and tag_for_keyword(keyword) is None:
+        raise ConfigError(
+            f"{source}: {where}: '{keyword}' is not a DICOM attribute keyword or 'calling_ae'"
+        )
+    if isinstance(value, str):
+        return MatchCondition(keyword, "equals", (value,))
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{source}: {where} must be a non-empty list of strings")
+        return MatchCondition(keyword, "one_of", tuple(value))
+    if isinstance(value, dict):
+        if len(value) != 1 or next(iter(value)) not in MATCH_OPERATORS:
+            raise ConfigError(
+                f"{source}: {where} must be a string, a list, or a table with exactly one of "
+                f"{', '.join(MATCH_OPERATORS)}"
+            )
+        operator, operand = next(iter(value.items()))
+        operands = operand if isinstance(operand, list) else [operand]
+        if not operands or not all(isinstance(v, str) for v in operands):
+            raise ConfigError(f"{source}: {where}.{operator} must be a string or strings")
+        if operator != "one_of" and len(operands) != 1:
+            raise ConfigError(f"{source}: {where}.{operator} takes one string")
+        if operator == "regex":
+            try:
+                re.compile(operands[0])
+            except re.error as exc:
+                raise ConfigError(f"{source}: {where}.regex is invalid: {exc}") from None
+        return MatchCondition(keyword, operator, tuple(operands))
+    raise ConfigError(f"{source}: {where} must be a string, a list of strings or a table")
 
 
 def _table(value: Any, source: str, where: str) -> Mapping[str, Any]:

@@ -7,10 +7,10 @@ metrics); they hold no state of their own between requests.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import PeerSettings, Settings
-from dicom_node.archive.models import Instance
+from dicom_node.archive.models import Instance, Patient
 from dicom_node.archive.service import Archive, StoreOutcome
 from dicom_node.contexts import QR_SOP_CLASSES, VERIFICATION, contexts_for_services
 from dicom_node.errors import NodeError
@@ -47,6 +47,45 @@ class _Match:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
+    patient: tuple[str, str, str, str]  # issuer, patient ID, birth date, sex
+
+
+class PatientAccess(Protocol):
+    """Consent at the query/retrieve exits (implemented by the router's access gate)."""
+
+    def permits(
+        self, purpose: str, issuer: str, patient_id: str, birth_date: str, sex: str
+    ) -> bool:
+        """Whether ``purpose`` may see this archived patient's data; fails closed."""
+        ...
+
+
+#: ``audit(actor, action, target, details)``: appends to the tamper-evident audit log.
+AuditSink = Callable[[str, str, str, Mapping[str, Any]], None]
+
+
+class _RequestAccess:
+    """The consent checks of one request from a purpose-bound peer (cached per patient)."""
+
+    def __init__(self, access: PatientAccess | None, purpose: str) -> None:
+        self._access = access
+        self.purpose = purpose
+        self._cache: dict[tuple[str, str, str, str], bool] = {}
+        self.permitted = 0
+        self.withheld = 0
+
+    def allows(self, patient: tuple[str, str, str, str]) -> bool:
+        if not self.purpose:
+            return True
+        allowed = self._cache.get(patient)
+        if allowed is None:
+            allowed = self._access is not None and self._access.permits(self.purpose, *patient)
+            self._cache[patient] = allowed
+        if allowed:
+            self.permitted += 1
+        else:
+            self.withheld += 1
+        return allowed
 
 
 class NodeHandlers:
@@ -59,12 +98,16 @@ class NodeHandlers:
         sessions: sessionmaker[Session],
         metrics: NodeMetrics,
         contexts: list[PresentationContext],
+        access: PatientAccess | None = None,
+        audit: AuditSink | None = None,
     ) -> None:
         self._settings = settings
         self._archive = archive
         self._sessions = sessions
         self._metrics = metrics
         self._contexts = contexts
+        self._access = access
+        self._audit = audit
 
     def bindings(self) -> list[tuple[Any, Any]]:
         """The ``evt_handlers`` list for ``AE.start_server``."""
@@ -183,6 +226,7 @@ class NodeHandlers:
             yield 0xC310, None  # unable to process: cannot decode the identifier
             return
         self._metrics.queries.labels(query.level.name).inc()
+        checks = _RequestAccess(self._access, peer.purpose)
         try:
             with self._sessions() as session:
                 result = session.execute(query.statement.execution_options(yield_per=500))
@@ -190,14 +234,20 @@ class NodeHandlers:
                     if event.is_cancelled:
                         yield 0xFE00, None
                         return
-                    yield 0xFF00, response_identifier(
-                        row, query, retrieve_ae=self._settings.node.ae_title
+                    patient = next(o for o in row if isinstance(o, Patient))
+                    if not checks.allows(_patient_key(patient)):
+                        continue
+                    yield (
+                        0xFF00,
+                        response_identifier(row, query, retrieve_ae=self._settings.node.ae_title),
                     )
         except SQLAlchemyError as exc:
             LOG.error("C-FIND index query failed: %s", type(exc).__name__)
             self._metrics.errors.labels("find", hex(_UNABLE)).inc()
             yield _UNABLE, None
             return
+        finally:
+            self._audit_access("find", peer, checks, {"level": query.level.name})
         yield 0x0000, None
 
     # -- retrieve ---------------------------------------------------------------------
@@ -209,22 +259,24 @@ class NodeHandlers:
             self._metrics.errors.labels("move", hex(0xA801)).inc()
             yield None, None
             return
-        matches, failure = self._prepare(event, "move")
+        matches, withheld, failure = self._prepare(event, "move", destination.name)
         kwargs: dict[str, Any] = {"ae_title": destination.ae_title}
         if matches:
             kwargs["contexts"] = _contexts_for(matches)
         else:
             kwargs["contexts"] = [build_context(VERIFICATION)]
         yield destination.host, destination.port, kwargs
-        yield from self._send_matches(event, matches, failure, "move")
+        yield from self._send_matches(event, matches, withheld, failure, "move")
 
     def on_get(self, event: Event) -> Iterator[Any]:
         """C-GET: send matches back over the requestor's association."""
-        matches, failure = self._prepare(event, "get")
-        yield from self._send_matches(event, matches, failure, "get")
+        matches, withheld, failure = self._prepare(event, "get", "")
+        yield from self._send_matches(event, matches, withheld, failure, "get")
 
-    def _prepare(self, event: Event, service: str) -> tuple[list[_Match], int | None]:
-        """The instances to send, or a failure status."""
+    def _prepare(
+        self, event: Event, service: str, destination: str
+    ) -> tuple[list[_Match], int, int | None]:
+        """The permitted instances to send, how many were withheld, or a failure status."""
         peer = self._peer(event)
         status: int
         if peer is None or not peer.allows(service):
@@ -238,20 +290,35 @@ class NodeHandlers:
                 LOG.warning("C-%s cannot be processed: %s", service.upper(), type(exc).__name__)
                 status = _UNABLE
             else:
+                checks = _RequestAccess(self._access, peer.purpose)
+                permitted = [m for m in matches if checks.allows(m.patient)]
+                self._audit_access(service, peer, checks, {"destination": destination})
                 if len(matches) <= _MAX_SUBOPERATIONS:
-                    return matches, None
+                    if matches and not permitted:
+                        status = _REFUSED  # nothing the purpose permits
+                        self._metrics.errors.labels(service, hex(status)).inc()
+                        return [], len(matches), status
+                    return permitted, checks.withheld, None
                 status = 0xA702  # out of resources: too many sub-operations
         self._metrics.errors.labels(service, hex(status)).inc()
-        return [], status
+        return [], 0, status
 
     def _send_matches(
-        self, event: Event, matches: list[_Match], failure: int | None, service: str
+        self,
+        event: Event,
+        matches: list[_Match],
+        withheld: int,
+        failure: int | None,
+        service: str,
     ) -> Iterator[Any]:
         if failure is not None:
-            yield 1
+            yield max(1, withheld)
             yield failure, None
             return
-        yield len(matches)
+        # withheld instances count as failed sub-operations: after the permitted ones a
+        # warning ends the operation and pynetdicom counts the remainder as failed. Their
+        # UIDs are not listed, so nothing is disclosed about them.
+        yield len(matches) + withheld
         for match in matches:
             if event.is_cancelled:
                 yield 0xFE00, None
@@ -266,6 +333,33 @@ class NodeHandlers:
                 return
             self._metrics.retrieved.labels(service).inc()
             yield 0xFF00, dataset
+        if withheld:
+            yield 0xB000, None
+
+    def _audit_access(
+        self,
+        service: str,
+        peer: PeerSettings,
+        checks: _RequestAccess,
+        details: Mapping[str, Any],
+    ) -> None:
+        """Trace a purpose-bound peer's query/retrieve in the audit log."""
+        if not peer.purpose or self._audit is None:
+            return
+        try:
+            self._audit(
+                peer.name,
+                f"dicom.{service}",
+                peer.ae_title,
+                {
+                    "purpose": peer.purpose,
+                    "permitted": checks.permitted,
+                    "withheld": checks.withheld,
+                    **details,
+                },
+            )
+        except Exception as exc:
+            LOG.error("audit write failed: %s", type(exc).__name__)
 
     def _matches(self, identifier: Dataset, root: Root) -> list[_Match]:
         query = build_query(identifier, root, for_retrieve=True)
@@ -274,6 +368,10 @@ class NodeHandlers:
             Instance.sop_class_uid,
             Instance.sop_instance_uid,
             Instance.transfer_syntax_uid,
+            Patient.issuer,
+            Patient.patient_id,
+            Patient.birth_date,
+            Patient.sex,
         )
         try:
             with self._sessions() as session:
@@ -282,7 +380,8 @@ class NodeHandlers:
             LOG.error("retrieve index query failed: %s", type(exc).__name__)
             raise NodeError("index unavailable", 0xC000) from None
         return [
-            _Match(self._archive.files.absolute(r[0]), r[1], r[2], r[3]) for r in rows
+            _Match(self._archive.files.absolute(r[0]), r[1], r[2], r[3], (r[4], r[5], r[6], r[7]))
+            for r in rows
         ]
 
     @staticmethod
@@ -310,3 +409,7 @@ def _contexts_for(matches: list[_Match]) -> list[PresentationContext]:
         proposed.add(key)
         contexts.append(build_context(match.sop_class_uid, list(offered)))
     return contexts[:128]
+
+
+def _patient_key(patient: Patient) -> tuple[str, str, str, str]:
+    return (patient.issuer, patient.patient_id, patient.birth_date, patient.sex)

@@ -7,6 +7,7 @@ from sqlalchemy import Engine
 
 from consent.models import ConsentBase
 from dicom_node.archive.models import ArchiveBase
+from router import models as router_models  # noqa: F401  (registers router tables)
 
 target_metadata = [ArchiveBase.metadata, ConsentBase.metadata]
 

@@ -1,0 +1,86 @@
+"""Keep the forward queue in step with consent decisions.
+
+A consent change releases the held jobs of that patient and purpose (permit) or drops
+every not-yet-sent one (deny, withdrawal). Changes made in this process arrive through the
+consent store's listeners; changes made by another process (the CLI, another node) are
+picked up by polling the consent event log. A periodic sweep re-decides every held job,
+so a missed notification (a crash between commit and reaction) is repaired.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from consent.decision import ConsentChange, Outcome
+from router.decisions import Decide
+from router.models import ForwardJob, HoldReason, JobState
+from router.queue import JobQueue
+
+LOG = logging.getLogger(__name__)
+
+
+class ConsentSync:
+    """Applies consent changes to the queue."""
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        sessions: sessionmaker[Session],
+        decide: Decide,
+        changes_since: Callable[[int], list[ConsentChange]],
+        last_event_id: Callable[[], int],
+        wake: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._queue = queue
+        self._sessions = sessions
+        self._decide = decide
+        self._changes_since = changes_since
+        self._cursor = last_event_id()
+        self._wake = wake
+
+    def apply(self, change: ConsentChange) -> int:
+        """React to one change; returns the number of jobs affected."""
+        if change.outcome is Outcome.PERMIT:
+            count = self._queue.release_for_consent(change.patient_pk, change.purpose_code)
+            if count:
+                self._wake()
+            return count
+        if change.outcome is Outcome.DENY:
+            return self._queue.drop_for_consent(
+                change.patient_pk, change.purpose_code, "consent refused or withdrawn"
+            )
+        return 0
+
+    def poll(self) -> int:
+        """Apply the changes recorded since the last poll (by any process)."""
+        changes = self._changes_since(self._cursor)
+        affected = 0
+        for change in changes:
+            affected += self.apply(change)
+            self._cursor = max(self._cursor, change.event_id)
+        return affected
+
+    def sweep(self) -> int:
+        """Re-decide every job held for consent (repairs missed notifications)."""
+        with self._sessions() as session:
+            pairs = session.execute(
+                select(ForwardJob.patient_pk, ForwardJob.purpose)
+                .where(
+                    ForwardJob.state == JobState.HELD.value,
+                    ForwardJob.hold_reason == HoldReason.CONSENT.value,
+                    ForwardJob.patient_pk.is_not(None),
+                )
+                .distinct()
+            ).all()
+        affected = 0
+        for patient_pk, purpose in pairs:
+            if patient_pk is None:
+                continue
+            decision = self._decide(patient_pk, purpose)
+            if decision.outcome is not Outcome.UNDECIDED:
+                affected += self.apply(ConsentChange(patient_pk, purpose, decision.outcome))
+        return affected

@@ -1,0 +1,284 @@
+"""Forwarders: one worker thread per destination, sending queued instances.
+
+Each worker claims a batch of jobs under a lease, re-checks consent immediately before
+each send, keeps one association to its destination open while work flows (TCP_NODELAY
+set) and sends the stored bytes; an instance is decompressed to Explicit VR Little Endian
+only when the destination accepts none of its stored transfer syntax. A missing response
+(network fault, pynetdicom's reactor race) costs a retry with backoff, never a lost job.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import build_context
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
+
+from config.settings import NodeSettings, PeerSettings, Settings
+from dicom_node.archive.files import InstanceFiles
+from dicom_node.scu import ScuError, connect
+from router.decisions import Decide, Outcome
+from router.queue import ClaimedJob, JobQueue
+
+LOG = logging.getLogger(__name__)
+_UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+
+
+@dataclass(frozen=True)
+class ForwarderOptions:
+    """Tuning of the forwarders."""
+
+    batch_size: int = 64
+    poll_interval: float = 0.5
+    idle_release: float = 5.0
+
+
+class _Link:
+    """One open association to a destination and the contexts it accepted."""
+
+    def __init__(self, assoc: Association, proposed: set[tuple[str, str]]) -> None:
+        self.assoc = assoc
+        self.proposed = proposed
+        self.accepted = {
+            (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
+        }
+        self.last_used = time.monotonic()
+
+    def close(self) -> None:
+        try:
+            if self.assoc.is_established:
+                self.assoc.release()
+        except Exception:  # the peer may already be gone
+            self.assoc.abort()
+
+
+class DestinationWorker(threading.Thread):
+    """Sends the jobs of one destination."""
+
+    def __init__(
+        self,
+        node: NodeSettings,
+        peer: PeerSettings,
+        queue: JobQueue,
+        files: InstanceFiles,
+        decide: Decide,
+        options: ForwarderOptions,
+        owner: str,
+        on_sent: Callable[[str, int], None] | None = None,
+    ) -> None:
+        super().__init__(name=f"forward-{peer.name}", daemon=True)
+        self._node = node
+        self._peer = peer
+        self._queue = queue
+        self._files = files
+        self._decide = decide
+        self._options = options
+        self._owner = owner
+        self._on_sent = on_sent
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._link: _Link | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                jobs = self._queue.claim(self._peer.name, self._owner, self._options.batch_size)
+            except Exception as exc:
+                LOG.error(
+                    "forwarder %s: cannot claim jobs: %s", self._peer.name, type(exc).__name__
+                )
+                jobs = []
+            if not jobs:
+                self._release_if_idle()
+                self._wake.wait(self._options.poll_interval)
+                self._wake.clear()
+                continue
+            self._process(jobs)
+        self._close_link()
+
+    def _process(self, jobs: list[ClaimedJob]) -> None:
+        for index, job in enumerate(jobs):
+            if self._stop.is_set():
+                for rest in jobs[index:]:
+                    self._queue.requeue(rest, self._owner)
+                return
+            try:
+                self._process_one(job, jobs)
+            except Exception as exc:  # never let one job kill the worker
+                LOG.error(
+                    "forwarder %s: job %d failed: %s", self._peer.name, job.id, type(exc).__name__
+                )
+                self._drop_link()
+                self._queue.retry_later(job, self._owner, f"internal error: {type(exc).__name__}")
+
+    def _process_one(self, job: ClaimedJob, batch: list[ClaimedJob]) -> None:
+        if job.purpose:
+            decision = self._decide(job.patient_pk, job.purpose)
+            if decision.outcome is Outcome.DENY:
+                self._queue.drop(job, self._owner, f"consent: {decision.reason}")
+                return
+            if decision.outcome is not Outcome.PERMIT:
+                self._queue.hold(job, self._owner, f"consent: {decision.reason}")
+                return
+        path = self._files.absolute(job.path)
+        try:
+            link = self._ensure_link(job, batch)
+        except ScuError as exc:
+            self._queue.retry_later(job, self._owner, str(exc))
+            return
+        key = (job.sop_class_uid, job.transfer_syntax_uid)
+        payload: Any
+        if key in link.accepted:
+            payload = path
+        else:
+            payload = _decompressed(path, job, link)
+            if payload is None:
+                self._queue.retry_later(
+                    job,
+                    self._owner,
+                    "destination accepts neither the stored nor an uncompressed syntax",
+                    permanent=True,
+                )
+                return
+        try:
+            status = link.assoc.send_c_store(payload)
+        except (OSError, ValueError, AttributeError, RuntimeError) as exc:
+            self._drop_link()
+            self._queue.retry_later(job, self._owner, f"send failed: {type(exc).__name__}")
+            return
+        link.last_used = time.monotonic()
+        code = int(status.Status) if status is not None and "Status" in status else None
+        if code is None:
+            # no response: association lost or the response went astray; resend later
+            self._drop_link()
+            self._queue.retry_later(job, self._owner, "no C-STORE response")
+        elif code == 0x0000 or (code & 0xF000) == 0xB000:
+            self._queue.complete(job.id, self._owner)
+            if self._on_sent is not None:
+                self._on_sent(self._peer.name, 1)
+        else:
+            self._queue.retry_later(job, self._owner, f"destination answered 0x{code:04X}")
+
+    def _ensure_link(self, job: ClaimedJob, batch: list[ClaimedJob]) -> _Link:
+        link = self._link
+        wanted = {(j.sop_class_uid, j.transfer_syntax_uid) for j in batch}
+        if (
+            link is not None
+            and link.assoc.is_established
+            and ((job.sop_class_uid, job.transfer_syntax_uid) in link.proposed)
+        ):
+            return link
+        self._close_link()
+        if link is not None:
+            wanted |= link.proposed
+        contexts = _contexts(wanted)
+        assoc = connect(self._node, self._peer, contexts)
+        proposed = {(str(cx.abstract_syntax), ts) for cx in contexts for ts in cx.transfer_syntax}
+        self._link = _Link(assoc, proposed | wanted)
+        return self._link
+
+    def _release_if_idle(self) -> None:
+        link = self._link
+        if link is not None and time.monotonic() - link.last_used > self._options.idle_release:
+            self._close_link()
+
+    def _close_link(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+
+    def _drop_link(self) -> None:
+        if self._link is not None:
+            try:
+                self._link.assoc.abort()
+            finally:
+                self._link = None
+
+
+def _contexts(wanted: set[tuple[str, str]]) -> list[PresentationContext]:
+    """One context per (SOP class, transfer syntax), plus uncompressed fall-backs."""
+    pairs: list[tuple[str, str]] = []
+    for sop_class, syntax in sorted(wanted):
+        for ts in (syntax, *_UNCOMPRESSED):
+            if (sop_class, ts) not in pairs:
+                pairs.append((sop_class, ts))
+    return [build_context(sop_class, [ts]) for sop_class, ts in pairs[:128]]
+
+
+def _decompressed(path: Path, job: ClaimedJob, link: _Link) -> Any:
+    """The instance decoded to Explicit VR Little Endian, if the destination takes it."""
+    if (job.sop_class_uid, str(ExplicitVRLittleEndian)) not in link.accepted:
+        return None
+    dataset = dcmread(path)
+    if dataset.file_meta.TransferSyntaxUID.is_compressed:
+        dataset.decompress()
+    else:
+        dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return dataset
+
+
+class ForwarderPool:
+    """A worker per destination peer named by a route."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        queue: JobQueue,
+        files: InstanceFiles,
+        decide: Decide,
+        options: ForwarderOptions | None = None,
+        on_sent: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.owner = f"node-{uuid.uuid4().hex[:12]}"
+        options = options or ForwarderOptions()
+        destinations = {d for r in settings.routes for d in r.destinations}
+        self._workers: dict[str, DestinationWorker] = {}
+        for name in sorted(destinations):
+            peer = settings.peer_by_name(name)
+            if peer is None:  # settings validation makes this impossible
+                continue
+            self._workers[name] = DestinationWorker(
+                settings.node, peer, queue, files, decide, options, self.owner, on_sent
+            )
+        self._queue = queue
+
+    def start(self) -> None:
+        recovered = self._queue.recover_stale()
+        if recovered:
+            LOG.info("recovered %d forward job(s) whose lease had expired", recovered)
+        for worker in self._workers.values():
+            worker.start()
+
+    def wake(self, destination: str | None = None) -> None:
+        """Tell a worker (or all) that jobs may be ready."""
+        if destination is None:
+            for worker in self._workers.values():
+                worker.wake()
+        elif destination in self._workers:
+            self._workers[destination].wake()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for worker in self._workers.values():
+            worker.stop()
+        deadline = time.monotonic() + timeout
+        for worker in self._workers.values():
+            if worker.is_alive():
+                worker.join(max(0.1, deadline - time.monotonic()))
+        self._queue.release_own_leases(self.owner)

@@ -1,0 +1,107 @@
+"""Plan the forward jobs of a newly received instance.
+
+For every matching route and destination:
+
+- a route without ``purpose`` (the care team's own systems) needs no consent: ready;
+- a route with a purpose needs the patient resolved in the consent store: unknown
+  patient or contradicting demographics → held for reconciliation; otherwise the
+  decision function says permit → ready, undecided → held for consent, deny → dropped.
+
+When several matching routes name the same destination, one job is made: a route that
+requires a purpose wins over one that does not (fail closed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from consent.decision import Resolution
+from router.decisions import Decide, Outcome
+from router.models import HoldReason, JobState
+from router.queue import JobSpec
+from router.routes import RouteTable
+
+
+@dataclass(frozen=True)
+class PatientFacts:
+    """The identity a dataset carries, as the consent store needs it."""
+
+    issuer: str
+    patient_id: str
+    ins_values: tuple[tuple[str, str], ...]  # (OID, matricule) from Other Patient IDs
+    birth_date: str
+    sex: str
+
+
+Resolve = Callable[[PatientFacts], Resolution]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The jobs to create and what was decided, for one instance."""
+
+    jobs: tuple[JobSpec, ...]
+    resolution: Resolution | None
+
+
+class Planner:
+    """Turns an instance's attributes into forward jobs."""
+
+    def __init__(self, routes: RouteTable, resolve: Resolve, decide: Decide) -> None:
+        self.routes = routes
+        self._resolve = resolve
+        self._decide = decide
+
+    def keywords(self) -> frozenset[str]:
+        """Attribute keywords the routes need read from each dataset."""
+        return self.routes.keywords()
+
+    def plan(
+        self,
+        attributes: Mapping[str, Sequence[str]],
+        calling_ae: str,
+        patient: PatientFacts,
+    ) -> Plan:
+        matched = self.routes.matching(attributes, calling_ae)
+        if not matched:
+            return Plan((), None)
+        chosen: dict[str, tuple[str, str]] = {}  # destination -> (route, purpose)
+        for route in matched:
+            for dest in route.destinations:
+                current = chosen.get(dest)
+                if current is None or (not current[1] and route.purpose):
+                    chosen[dest] = (route.name, route.purpose)
+        resolution: Resolution | None = None
+        if any(purpose for _, purpose in chosen.values()):
+            try:
+                resolution = self._resolve(patient)
+            except Exception as exc:  # fail closed: treat as unresolved
+                resolution = Resolution(None, "unknown", f"error: {type(exc).__name__}")
+        decisions: dict[str, tuple[JobState, str, str]] = {}
+        jobs = []
+        for dest, (route_name, purpose) in chosen.items():
+            patient_pk = resolution.patient_pk if resolution else None
+            if not purpose:
+                state, hold, note = JobState.READY, "", ""
+            elif resolution is None or resolution.status != "matched":
+                reason = resolution.reason if resolution else "unresolved"
+                status = resolution.status if resolution else "unknown"
+                state, hold = JobState.HELD, HoldReason.RECONCILIATION.value
+                note = f"patient {status}: {reason}"
+            else:
+                if purpose not in decisions:
+                    decision = self._decide(patient_pk, purpose)
+                    if decision.outcome is Outcome.PERMIT:
+                        decisions[purpose] = (JobState.READY, "", "")
+                    elif decision.outcome is Outcome.DENY:
+                        decisions[purpose] = (JobState.DROPPED, "", f"consent: {decision.reason}")
+                    else:
+                        decisions[purpose] = (
+                            JobState.HELD,
+                            HoldReason.CONSENT.value,
+                            f"consent: {decision.reason}",
+                        )
+                state, hold, note = decisions[purpose]
+            jobs.append(JobSpec(dest, route_name, purpose, patient_pk, state, hold, note))
+        return Plan(tuple(jobs), resolution)

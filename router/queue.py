@@ -1,0 +1,375 @@
+"""Operations on the durable forward queue.
+
+Claims take a lease (``sending`` until ``lease_until``); a lease left by a crashed node
+expires and the job is claimed again. Failed sends are retried with capped exponential
+backoff and dead-lettered (``failed``) after ``max_attempts``. On PostgreSQL claims use
+``FOR UPDATE SKIP LOCKED`` so several nodes share one queue; on SQLite the ``BEGIN
+IMMEDIATE`` transaction serialises them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.archive.models import Instance
+from router.models import ForwardJob, HoldReason, JobState
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    """The current time in UTC."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job to create for a newly stored instance."""
+
+    destination: str
+    route: str
+    purpose: str
+    patient_pk: int | None
+    state: JobState
+    hold_reason: str = ""
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job claimed by a forwarder, with what it needs to send the instance."""
+
+    id: int
+    destination: str
+    purpose: str
+    patient_pk: int | None
+    attempts: int
+    path: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff with jitter, and the dead-letter threshold."""
+
+    max_attempts: int = 10
+    base_delay: float = 2.0
+    max_delay: float = 300.0
+    lease_seconds: float = 120.0
+
+    def delay(self, attempts: int) -> float:
+        """Seconds to wait after the ``attempts``-th failure (1-based)."""
+        raw = min(self.max_delay, self.base_delay * 2.0 ** max(0, attempts - 1))
+        return raw * (0.8 + 0.4 * random.random())
+
+
+_OPEN_STATES = (JobState.READY.value, JobState.HELD.value)
+
+
+class JobQueue:
+    """The forward queue in the database."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        policy: RetryPolicy | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
+        self._sessions = sessions
+        self.policy = policy or RetryPolicy()
+        self._clock = clock
+
+    # -- creation (inside the caller's transaction) --------------------------------
+
+    def add_jobs(self, session: Session, instance_pk: int, specs: Iterable[JobSpec]) -> int:
+        """Add the jobs of a newly indexed instance in the caller's transaction."""
+        now = self._clock()
+        count = 0
+        for spec in specs:
+            session.add(
+                ForwardJob(
+                    instance_pk=instance_pk,
+                    destination=spec.destination,
+                    route=spec.route,
+                    purpose=spec.purpose,
+                    patient_pk=spec.patient_pk,
+                    state=spec.state.value,
+                    hold_reason=spec.hold_reason,
+                    attempts=0,
+                    next_attempt_at=now,
+                    lease_owner="",
+                    lease_until=None,
+                    last_error=spec.note[:255],
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            count += 1
+        return count
+
+    # -- forwarders ----------------------------------------------------------------
+
+    def claim(self, destination: str, owner: str, limit: int) -> list[ClaimedJob]:
+        """Claim up to ``limit`` sendable jobs for ``destination`` under a lease."""
+        now = self._clock()
+        lease = now + timedelta(seconds=self.policy.lease_seconds)
+        with self._sessions.begin() as session:
+            ids = list(
+                session.scalars(
+                    select(ForwardJob.id)
+                    .where(
+                        ForwardJob.destination == destination,
+                        or_(
+                            and_(
+                                ForwardJob.state == JobState.READY.value,
+                                ForwardJob.next_attempt_at <= now,
+                            ),
+                            and_(
+                                ForwardJob.state == JobState.SENDING.value,
+                                ForwardJob.lease_until < now,
+                            ),
+                        ),
+                    )
+                    .order_by(ForwardJob.id)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            if not ids:
+                return []
+            session.execute(
+                update(ForwardJob)
+                .where(ForwardJob.id.in_(ids))
+                .values(
+                    state=JobState.SENDING.value,
+                    lease_owner=owner[:64],
+                    lease_until=lease,
+                    updated_at=now,
+                )
+            )
+            rows = session.execute(
+                select(
+                    ForwardJob.id,
+                    ForwardJob.destination,
+                    ForwardJob.purpose,
+                    ForwardJob.patient_pk,
+                    ForwardJob.attempts,
+                    Instance.path,
+                    Instance.sop_class_uid,
+                    Instance.sop_instance_uid,
+                    Instance.transfer_syntax_uid,
+                )
+                .join(Instance, Instance.id == ForwardJob.instance_pk)
+                .where(ForwardJob.id.in_(ids))
+                .order_by(ForwardJob.id)
+            ).all()
+        return [ClaimedJob(*row) for row in rows]
+
+    def _finish(self, job_id: int, owner: str, **values: Any) -> bool:
+        values.setdefault("lease_owner", "")
+        values.setdefault("lease_until", None)
+        values["updated_at"] = self._clock()
+        with self._sessions.begin() as session:
+            result = session.execute(
+                update(ForwardJob)
+                .where(
+                    ForwardJob.id == job_id,
+                    ForwardJob.state == JobState.SENDING.value,
+                    ForwardJob.lease_owner == owner[:64],
+                )
+                .values(**values)
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def complete(self, job_id: int, owner: str) -> bool:
+        """The destination acknowledged the instance."""
+        return self._finish(job_id, owner, state=JobState.DONE.value, last_error="")
+
+    def retry_later(
+        self, job: ClaimedJob, owner: str, error: str, *, permanent: bool = False
+    ) -> str:
+        """Record a failed attempt; back off, or dead-letter. Returns the new state."""
+        attempts = job.attempts + 1
+        if permanent or attempts >= self.policy.max_attempts:
+            self._finish(
+                job.id,
+                owner,
+                state=JobState.FAILED.value,
+                attempts=attempts,
+                last_error=error[:255],
+            )
+            return JobState.FAILED.value
+        next_at = self._clock() + timedelta(seconds=self.policy.delay(attempts))
+        self._finish(
+            job.id,
+            owner,
+            state=JobState.READY.value,
+            attempts=attempts,
+            next_attempt_at=next_at,
+            last_error=error[:255],
+        )
+        return JobState.READY.value
+
+    def requeue(self, job: ClaimedJob, owner: str) -> bool:
+        """Give a claimed job back untouched (e.g. on shutdown before sending)."""
+        return self._finish(job.id, owner, state=JobState.READY.value)
+
+    def hold(self, job: ClaimedJob, owner: str, reason: str) -> bool:
+        """Consent became undecided between planning and sending: hold the job."""
+        return self._finish(
+            job.id,
+            owner,
+            state=JobState.HELD.value,
+            hold_reason=HoldReason.CONSENT.value,
+            last_error=reason[:255],
+        )
+
+    def drop(self, job: ClaimedJob, owner: str, reason: str) -> bool:
+        """Consent is refused or withdrawn: the job will never be sent."""
+        return self._finish(job.id, owner, state=JobState.DROPPED.value, last_error=reason[:255])
+
+    # -- consent changes -----------------------------------------------------------
+
+    def release_for_consent(self, patient_pk: int, purpose: str) -> int:
+        """Held jobs of this patient and purpose become ready (consent permits)."""
+        return self._bulk(
+            [
+                ForwardJob.patient_pk == patient_pk,
+                ForwardJob.purpose == purpose,
+                ForwardJob.state == JobState.HELD.value,
+                ForwardJob.hold_reason == HoldReason.CONSENT.value,
+            ],
+            state=JobState.READY.value,
+            hold_reason="",
+            next_attempt_at=self._clock(),
+        )
+
+    def drop_for_consent(self, patient_pk: int, purpose: str, reason: str) -> int:
+        """Every not-yet-sent job of this patient and purpose is dropped."""
+        return self._bulk(
+            [
+                ForwardJob.patient_pk == patient_pk,
+                ForwardJob.purpose == purpose,
+                ForwardJob.state.in_(_OPEN_STATES),
+            ],
+            state=JobState.DROPPED.value,
+            last_error=reason[:255],
+        )
+
+    def _bulk(self, conditions: Sequence[Any], **values: Any) -> int:
+        values["updated_at"] = self._clock()
+        with self._sessions.begin() as session:
+            result = session.execute(update(ForwardJob).where(*conditions).values(**values))
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
+    # -- administration ------------------------------------------------------------
+
+    def recover_stale(self) -> int:
+        """Leases that expired (a crashed node) go back to ready."""
+        now = self._clock()
+        return self._bulk(
+            [ForwardJob.state == JobState.SENDING.value, ForwardJob.lease_until < now],
+            state=JobState.READY.value,
+            lease_owner="",
+            lease_until=None,
+        )
+
+    def release_own_leases(self, owner: str) -> int:
+        """On clean shutdown: our claimed-but-unsent jobs go back to ready."""
+        return self._bulk(
+            [ForwardJob.state == JobState.SENDING.value, ForwardJob.lease_owner == owner[:64]],
+            state=JobState.READY.value,
+            lease_owner="",
+            lease_until=None,
+        )
+
+    def stats(self) -> dict[tuple[str, str], int]:
+        """Job counts by (destination, state)."""
+        with self._sessions() as session:
+            rows = session.execute(
+                select(ForwardJob.destination, ForwardJob.state, func.count(ForwardJob.id))
+                .group_by(ForwardJob.destination, ForwardJob.state)
+                .order_by(ForwardJob.destination, ForwardJob.state)
+            ).all()
+        return {(d, s): int(n) for d, s, n in rows}
+
+    def list_jobs(
+        self, *, state: str | None = None, destination: str | None = None, limit: int = 100
+    ) -> list[ForwardJob]:
+        """Jobs, newest first, optionally filtered."""
+        stmt = select(ForwardJob).order_by(ForwardJob.id.desc()).limit(limit)
+        if state:
+            stmt = stmt.where(ForwardJob.state == state)
+        if destination:
+            stmt = stmt.where(ForwardJob.destination == destination)
+        with self._sessions() as session:
+            return list(session.scalars(stmt))
+
+    def retry_jobs(self, ids: Sequence[int] | None) -> int:
+        """Failed jobs (all, or these ids) go back to ready with a fresh attempt count."""
+        conditions: list[Any] = [ForwardJob.state == JobState.FAILED.value]
+        if ids is not None:
+            conditions.append(ForwardJob.id.in_(list(ids)))
+        return self._bulk(
+            conditions, state=JobState.READY.value, attempts=0, next_attempt_at=self._clock()
+        )
+
+    def relink(
+        self, ids: Sequence[int], patient_pk: int, state: JobState, hold_reason: str, note: str
+    ) -> int:
+        """Held-for-reconciliation jobs linked to a patient get their new state."""
+        return self._bulk(
+            [
+                ForwardJob.id.in_(list(ids)),
+                ForwardJob.state == JobState.HELD.value,
+                ForwardJob.hold_reason == HoldReason.RECONCILIATION.value,
+            ],
+            patient_pk=patient_pk,
+            state=state.value,
+            hold_reason=hold_reason,
+            last_error=note[:255],
+            next_attempt_at=self._clock(),
+        )
+
+    def drop_jobs(self, ids: Sequence[int], reason: str) -> int:
+        """Drop open or failed jobs by id (administrator decision)."""
+        return self._bulk(
+            [
+                ForwardJob.id.in_(list(ids)),
+                ForwardJob.state.in_((*_OPEN_STATES, JobState.FAILED.value)),
+            ],
+            state=JobState.DROPPED.value,
+            last_error=reason[:255],
+        )
+
+    def destinations_with_work(self) -> set[str]:
+        """Destinations that have a job ready now or a stale lease."""
+        now = self._clock()
+        with self._sessions() as session:
+            return set(
+                session.scalars(
+                    select(ForwardJob.destination)
+                    .where(
+                        or_(
+                            and_(
+                                ForwardJob.state == JobState.READY.value,
+                                ForwardJob.next_attempt_at <= now,
+                            ),
+                            and_(
+                                ForwardJob.state == JobState.SENDING.value,
+                                ForwardJob.lease_until < now,
+                            ),
+                        )
+                    )
+                    .distinct()
+                )
+            )
