@@ -79,5 +79,8 @@ class OpsServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
+        # shutdown() waits for serve_forever() to return: it would block for ever when the
+        # server was never started (serve stopping because the DICOM port is busy)
+        if self._thread.is_alive():
+            self._server.shutdown()
         self._server.server_close()
