@@ -39,6 +39,12 @@ class NodeMetrics:
         self.queries = Counter(
             "consentgate_queries", "C-FIND requests, by level", ["level"], registry=registry
         )
+        self.forwarded = Counter(
+            "consentgate_instances_forwarded",
+            "Instances acknowledged by a forward destination",
+            ["destination"],
+            registry=registry,
+        )
         self.retrieved = Counter(
             "consentgate_instances_sent",
             "Instances sent by C-MOVE/C-GET sub-operations",

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import socketserver
@@ -54,6 +55,11 @@ class GatewaySocket(AssociationSocket):
         super().__init__(assoc, client_socket=client_socket)
         self.max_pdu_length = max(max_pdu_length, MIN_PDU_ALLOWANCE)
         tune_socket(client_socket)
+        # A peer that stops inside a PDU must not hold the reader (and an association
+        # slot) for ever: a read waits at most the network timeout, then the DUL sees
+        # the transport as closed (Evt17).
+        if assoc.network_timeout is not None:
+            client_socket.settimeout(assoc.network_timeout)
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read exactly ``nr_bytes`` (or fewer if the peer closes)."""
@@ -77,10 +83,8 @@ class GatewaySocket(AssociationSocket):
                 return buffer[:got]
             got += n
         if _QUICKACK is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-            except OSError:  # pragma: no cover
-                pass
         return buffer
 
 
@@ -88,13 +92,13 @@ class GatewayRequestHandler(RequestHandler):
     """Creates each accepted association with a :class:`GatewaySocket`."""
 
     def _create_association(self) -> Association:
-        from pynetdicom.association import Association
+        from dicom_node.reactor import GatewayAssociation
 
         server: Any = self.server
         ae = self.ae
-        assoc = Association(ae, MODE_ACCEPTOR)
+        assoc = GatewayAssociation(ae, MODE_ACCEPTOR)
         assoc._server = server
-        assoc.name = f"Acceptor@{datetime.now():%Y%m%d%H%M%S}"
+        assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"  # pynetdicom counts these
         sock = GatewaySocket(
             assoc, client_socket=self.request, max_pdu_length=ae.maximum_pdu_size
         )

@@ -5,6 +5,8 @@ Only the header is parsed (``stop_before_pixels``); pixel data is never decoded 
 
 from __future__ import annotations
 
+import struct
+import zlib
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -80,10 +82,43 @@ class InstanceHeader:
     number_of_frames: int
 
 
+def _meta_element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    if len(value) % 2:
+        value += pad
+    return struct.pack("<HH2sH", 2, element, vr, len(value)) + value
+
+
+def _fast_file_meta_bytes(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str
+) -> bytes | None:
+    """The same bytes as pydicom's ``write_file_meta_info`` for plain ASCII values
+    (explicit VR little endian), built directly: pydicom took ~0.5 ms per instance."""
+    values = (sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae)
+    if not all(v.isascii() and v.isprintable() and v == v.strip() for v in values):
+        return None
+    body = b"".join(
+        (
+            b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01",
+            _meta_element(0x0002, b"UI", sop_class_uid.encode(), b"\x00"),
+            _meta_element(0x0003, b"UI", sop_instance_uid.encode(), b"\x00"),
+            _meta_element(0x0010, b"UI", transfer_syntax_uid.encode(), b"\x00"),
+            _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode(), b"\x00"),
+            _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION.encode(), b" "),
+            _meta_element(0x0016, b"AE", source_ae.encode(), b" ") if source_ae else b"",
+        )
+    )
+    return _PREAMBLE + struct.pack("<HH2sHL", 2, 0, b"UL", 4, len(body)) + body
+
+
 def file_meta_bytes(
     sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str
 ) -> bytes:
     """Encode the preamble, ``DICM`` prefix and File Meta Information group."""
+    fast = _fast_file_meta_bytes(
+        sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae
+    )
+    if fast is not None:
+        return fast
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(sop_class_uid)
     meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
@@ -129,6 +164,108 @@ def read_header(meta: bytes, dataset: bytes | bytearray | memoryview) -> Instanc
     ) as exc:
         raise InvalidInstance(f"dataset cannot be parsed ({type(exc).__name__})") from None
     return header
+
+
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+_IMPLICIT = "1.2.840.10008.1.2"
+_UNDEFINED = 0xFFFFFFFF
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+
+
+def check_complete(dataset: bytes | bytearray | memoryview, transfer_syntax_uid: str) -> None:
+    """Refuse a dataset whose last element, item or sequence is cut short.
+
+    pydicom reads a truncated value without complaint (and the header is read with
+    ``stop_before_pixels``), so a truncated C-STORE would be archived as a broken file.
+    Only element headers are walked; values are skipped.
+
+    Raises
+    ------
+    InvalidInstance
+        The encoding ends inside an element, or an undefined length is never closed.
+    """
+    data = memoryview(dataset).cast("B")
+    if transfer_syntax_uid == _DEFLATED:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            data = memoryview(inflater.decompress(data) + inflater.flush())
+        except zlib.error:
+            raise InvalidInstance("deflated dataset cannot be inflated") from None
+        if not inflater.eof:
+            raise InvalidInstance("deflated dataset is truncated")
+    little = transfer_syntax_uid != _BIG_ENDIAN
+    implicit = transfer_syntax_uid == _IMPLICIT
+    if not implicit and len(data) >= 6 and not bytes(data[4:6]).isalpha():
+        implicit = True  # pydicom reads such datasets as implicit VR too
+    end = len(data)
+    try:
+        pos = _walk(data, 0, end, little=little, implicit=implicit, in_item=False)
+    except struct.error:
+        pos = -1
+    if pos != end:
+        raise InvalidInstance("dataset is truncated or malformed")
+
+
+def _walk(data: memoryview, pos: int, end: int, *, little: bool, implicit: bool,
+          in_item: bool) -> int:
+    """Skip elements from ``pos``; returns the offset after the last one (or the item
+    delimiter when ``in_item``), or -1 when the encoding is cut short."""
+    order = "<" if little else ">"
+    while pos < end:
+        if not in_item and end - pos < 8 and not any(data[pos:end]):
+            return end  # a few bytes of trailing NUL padding: pydicom ignores them too
+        group, elem = struct.unpack_from(order + "HH", data, pos)
+        if group == 0xFFFE:  # item / delimitation items carry no VR
+            (length,) = struct.unpack_from(order + "I", data, pos + 4)
+            pos += 8
+            if in_item and elem == 0xE00D:
+                return pos
+            if length != _UNDEFINED:
+                pos += length
+            continue
+        vr = b""
+        if implicit:
+            (length,) = struct.unpack_from(order + "I", data, pos + 4)
+            pos += 8
+        else:
+            vr = bytes(data[pos + 4 : pos + 6])
+            if vr in _LONG_VRS:
+                (length,) = struct.unpack_from(order + "I", data, pos + 8)
+                pos += 12
+            else:
+                (length,) = struct.unpack_from(order + "H", data, pos + 6)
+                pos += 8
+        if length == _UNDEFINED:
+            # a sequence, encapsulated pixel data, or UN holding implicit VR LE content
+            pos = _walk_items(data, pos, end, little=little if vr != b"UN" else True,
+                              implicit=implicit or vr == b"UN")
+            if pos < 0:
+                return -1
+        else:
+            pos += length
+    return -1 if in_item or pos > end else pos
+
+
+def _walk_items(data: memoryview, pos: int, end: int, *, little: bool, implicit: bool) -> int:
+    """Skip the items of an undefined-length value up to its sequence delimiter."""
+    order = "<" if little else ">"
+    while pos + 8 <= end:
+        group, elem, length = struct.unpack_from(order + "HHI", data, pos)
+        pos += 8
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            return pos
+        if (group, elem) != (0xFFFE, 0xE000):
+            return -1
+        if length == _UNDEFINED:
+            pos = _walk(data, pos, end, little=little, implicit=implicit, in_item=True)
+            if pos < 0:
+                return -1
+        else:
+            pos += length
+    return -1
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -32,6 +32,14 @@ class ArchiveIndex:
                 select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
             ).one_or_none()
 
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        """Whether an instance is indexed (a Core query: cheap on the store path)."""
+        with self._sessions() as session:
+            found = session.connection().scalar(
+                select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
+            )
+        return found is not None
+
     def add_instance(
         self,
         header: InstanceHeader,
@@ -48,11 +56,14 @@ class ArchiveIndex:
         Returns the new instance's primary key.
         """
         received = received_at or datetime.now(UTC)
+        # Core statements on the session's connection: the ORM's per-statement overhead
+        # was most of the cost of storing an instance.
         with self._sessions.begin() as session:
-            insert = _insert_for(session)
+            conn = session.connection()
+            dialect_insert = _insert_for(conn)
             patient_pk = _get_or_create(
-                session,
-                insert,
+                conn,
+                dialect_insert,
                 Patient,
                 {"issuer": issuer, "patient_id": header.patient_id},
                 {
@@ -63,8 +74,8 @@ class ArchiveIndex:
                 ["issuer", "patient_id"],
             )
             study_pk = _get_or_create(
-                session,
-                insert,
+                conn,
+                dialect_insert,
                 Study,
                 {"study_instance_uid": header.study_instance_uid},
                 {
@@ -82,8 +93,8 @@ class ArchiveIndex:
                 ["study_instance_uid"],
             )
             series_pk, series_new = _get_or_create_flag(
-                session,
-                insert,
+                conn,
+                dialect_insert,
                 Series,
                 {"series_instance_uid": header.series_instance_uid},
                 {
@@ -98,21 +109,23 @@ class ArchiveIndex:
                 },
                 ["series_instance_uid"],
             )
-            instance = Instance(
-                series_pk=series_pk,
-                sop_instance_uid=header.sop_instance_uid,
-                sop_class_uid=header.sop_class_uid,
-                instance_number=header.instance_number,
-                number_of_frames=header.number_of_frames,
-                transfer_syntax_uid=transfer_syntax_uid,
-                size=size,
-                path=relative_path,
-                calling_ae=calling_ae[:16],
-                received_at=received,
-            )
-            session.add(instance)
-            session.flush()
-            session.execute(
+            instance_id: int = conn.execute(
+                insert(Instance)
+                .values(
+                    series_pk=series_pk,
+                    sop_instance_uid=header.sop_instance_uid,
+                    sop_class_uid=header.sop_class_uid,
+                    instance_number=header.instance_number,
+                    number_of_frames=header.number_of_frames,
+                    transfer_syntax_uid=transfer_syntax_uid,
+                    size=size,
+                    path=relative_path,
+                    calling_ae=calling_ae[:16],
+                    received_at=received,
+                )
+                .returning(Instance.id)
+            ).scalar_one()
+            conn.execute(
                 update(Series)
                 .where(Series.id == series_pk)
                 .values(number_of_instances=Series.number_of_instances + 1)
@@ -120,10 +133,10 @@ class ArchiveIndex:
             study_values: dict[str, Any] = {"number_of_instances": Study.number_of_instances + 1}
             if series_new:
                 study_values["number_of_series"] = Study.number_of_series + 1
-            session.execute(update(Study).where(Study.id == study_pk).values(**study_values))
+            conn.execute(update(Study).where(Study.id == study_pk).values(**study_values))
             if series_new and header.modality:
-                _add_modality(session, study_pk, header.modality)
-            return instance.id
+                _add_modality(conn, study_pk, header.modality)
+            return instance_id
 
     def counts(self) -> dict[str, int]:
         """Number of patients, studies, series and instances, and total bytes."""
@@ -137,8 +150,8 @@ class ArchiveIndex:
             }
 
 
-def _insert_for(session: Session) -> Callable[..., Any]:
-    dialect = session.get_bind().dialect.name
+def _insert_for(conn: Connection) -> Callable[..., Any]:
+    dialect = conn.dialect.name
     if dialect == "postgresql":
         return postgresql.insert
     if dialect == "sqlite":
@@ -147,19 +160,19 @@ def _insert_for(session: Session) -> Callable[..., Any]:
 
 
 def _get_or_create(
-    session: Session,
+    conn: Connection,
     insert: Callable[..., Any],
     model: type[Any],
     keys: dict[str, Any],
     values: dict[str, Any],
     conflict_columns: list[str],
 ) -> int:
-    pk, _ = _get_or_create_flag(session, insert, model, keys, values, conflict_columns)
+    pk, _ = _get_or_create_flag(conn, insert, model, keys, values, conflict_columns)
     return pk
 
 
 def _get_or_create_flag(
-    session: Session,
+    conn: Connection,
     insert: Callable[..., Any],
     model: type[Any],
     keys: dict[str, Any],
@@ -171,7 +184,7 @@ def _get_or_create_flag(
     ``INSERT ... ON CONFLICT DO NOTHING`` makes concurrent creators agree on one row.
     """
     conditions = [getattr(model, k) == v for k, v in keys.items()]
-    existing = session.scalar(select(model.id).where(*conditions))
+    existing = conn.scalar(select(model.id).where(*conditions))
     if existing is not None:
         return int(existing), False
     stmt = (
@@ -180,20 +193,20 @@ def _get_or_create_flag(
         .on_conflict_do_nothing(index_elements=conflict_columns)
         .returning(model.id)
     )
-    created = session.scalar(stmt)
+    created = conn.scalar(stmt)
     if created is not None:
         return int(created), True
-    found = session.scalar(select(model.id).where(*conditions))
+    found = conn.scalar(select(model.id).where(*conditions))
     if found is None:  # pragma: no cover - the row must exist after a conflict
         raise RuntimeError(f"{model.__name__} row vanished during insert")
     return int(found), False
 
 
-def _add_modality(session: Session, study_pk: int, modality: str) -> None:
-    current = session.scalar(select(Study.modalities).where(Study.id == study_pk)) or ""
+def _add_modality(conn: Connection, study_pk: int, modality: str) -> None:
+    current = conn.scalar(select(Study.modalities).where(Study.id == study_pk)) or ""
     present = [m for m in current.split("\\") if m]
     if modality not in present:
         present.append(modality)
-        session.execute(
+        conn.execute(
             update(Study).where(Study.id == study_pk).values(modalities="\\".join(present)[:128])
         )

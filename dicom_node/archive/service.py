@@ -19,7 +19,12 @@ from enum import Enum
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.archive.files import InstanceFiles
-from dicom_node.archive.header import InstanceHeader, file_meta_bytes, read_header
+from dicom_node.archive.header import (
+    InstanceHeader,
+    check_complete,
+    file_meta_bytes,
+    read_header,
+)
 from dicom_node.archive.index import ArchiveIndex
 from dicom_node.errors import InvalidInstance, StorageFailure
 from dicom_node.uids import is_valid_uid
@@ -92,6 +97,7 @@ class Archive:
         meta = file_meta_bytes(
             command_sop_class_uid, command_sop_instance_uid, transfer_syntax_uid, calling_ae
         )
+        check_complete(dataset, transfer_syntax_uid)
         header = read_header(meta, dataset)
         if header.sop_instance_uid != command_sop_instance_uid:
             raise InvalidInstance(
@@ -137,7 +143,7 @@ class Archive:
 
     def _already_stored(self, sop_instance_uid: str) -> bool:
         try:
-            return self.index.find_instance(sop_instance_uid) is not None
+            return self.index.has_instance(sop_instance_uid)
         except SQLAlchemyError as exc:
             LOG.error("index read failed: %s", type(exc).__name__)
             raise StorageFailure("cannot read the index") from None
