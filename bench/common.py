@@ -317,9 +317,7 @@ class ToolRun:
     timed_out: bool = False
 
 
-def run_timed(
-    cmd: Sequence[str], *, env: Mapping[str, str] | None, timeout: float
-) -> ToolRun:
+def run_timed(cmd: Sequence[str], *, env: Mapping[str, str] | None, timeout: float) -> ToolRun:
     """Run ``cmd`` to completion; wall time from process start to exit (perf_counter).
 
     The child runs in its own session and its whole group is killed on timeout.
@@ -395,7 +393,10 @@ def git_revision() -> str:
     try:
         out = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"

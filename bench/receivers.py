@@ -76,9 +76,23 @@ class Receiver(abc.ABC):
 def _echo_ok(echoscu: str, ae_title: str, port: int) -> bool:
     try:
         out = subprocess.run(
-            [echoscu, "-aet", SENDER_AET, "-aec", ae_title, "-to", "2", "-ta", "5",
-             LOOPBACK, str(port)],
-            capture_output=True, timeout=15, check=False, env=receiver_env(),
+            [
+                echoscu,
+                "-aet",
+                SENDER_AET,
+                "-aec",
+                ae_title,
+                "-to",
+                "2",
+                "-ta",
+                "5",
+                LOOPBACK,
+                str(port),
+            ],
+            capture_output=True,
+            timeout=15,
+            check=False,
+            env=receiver_env(),
         )
     except subprocess.TimeoutExpired:
         return False
@@ -124,10 +138,16 @@ class StoreScp(Receiver):
         out_dir.mkdir(parents=True)
         (port,) = free_ports(1)
         cmd = [storescp, "-aet", self.ae_title, "-od", str(out_dir), "+xa", "-dhl", str(port)]
-        with ManagedProcess(cmd, log_path=workdir / "storescp.log", env=receiver_env(),
-                            grace=15) as proc:
-            wait_until(lambda: _echo_ok(echoscu, self.ae_title, port), timeout=START_TIMEOUT,
-                       what="storescp to answer C-ECHO", interval=0.1, alive=proc.check_alive)
+        with ManagedProcess(
+            cmd, log_path=workdir / "storescp.log", env=receiver_env(), grace=15
+        ) as proc:
+            wait_until(
+                lambda: _echo_ok(echoscu, self.ae_title, port),
+                timeout=START_TIMEOUT,
+                what="storescp to answer C-ECHO",
+                interval=0.1,
+                alive=proc.check_alive,
+            )
             # The readiness C-ECHO must not leave files behind.
             if any(out_dir.iterdir()):
                 raise BenchError(f"storescp output directory {out_dir} not empty at start")
@@ -198,14 +218,27 @@ class Orthanc(Receiver):
         }
         cfg_path = workdir / "orthanc.json"
         cfg_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
-        with ManagedProcess([orthanc, str(cfg_path)], log_path=workdir / "orthanc.log",
-                            env=receiver_env(), cwd=workdir, grace=30) as proc:
+        with ManagedProcess(
+            [orthanc, str(cfg_path)],
+            log_path=workdir / "orthanc.log",
+            env=receiver_env(),
+            cwd=workdir,
+            grace=30,
+        ) as proc:
             url = f"http://{LOOPBACK}:{http_port}/statistics"
-            wait_until(lambda: http_get(url)[0] == 200, timeout=START_TIMEOUT,
-                       what="Orthanc /statistics", interval=0.1, alive=proc.check_alive)
-            wait_until(lambda: _echo_ok(echoscu, self.ae_title, dicom_port),
-                       timeout=START_TIMEOUT, what="Orthanc to answer C-ECHO",
-                       alive=proc.check_alive)
+            wait_until(
+                lambda: http_get(url)[0] == 200,
+                timeout=START_TIMEOUT,
+                what="Orthanc /statistics",
+                interval=0.1,
+                alive=proc.check_alive,
+            )
+            wait_until(
+                lambda: _echo_ok(echoscu, self.ae_title, dicom_port),
+                timeout=START_TIMEOUT,
+                what="Orthanc to answer C-ECHO",
+                alive=proc.check_alive,
+            )
             running = _OrthancRunning(dicom_port, proc, http_port)
             if running.count_instances() != 0:
                 raise BenchError("fresh Orthanc does not start empty")
@@ -217,8 +250,9 @@ class Orthanc(Receiver):
 _INSTANCES_RE = re.compile(r"^\s*instances?\s*[:=]\s*(\d+)\b", re.IGNORECASE)
 
 
-def consentgate_toml(*, dicom_port: int, http_port: int, data_dir: Path,
-                     extra_peers: str = "") -> str:
+def consentgate_toml(
+    *, dicom_port: int, http_port: int, data_dir: Path, extra_peers: str = ""
+) -> str:
     """The bench's consentgate configuration (see bench/README.md)."""
     return (
         "[node]\n"
@@ -234,8 +268,7 @@ def consentgate_toml(*, dicom_port: int, http_port: int, data_dir: Path,
         f'ae_title = "{SENDER_AET}"\n'
         f'host = "{LOOPBACK}"\n'
         "port = 104\n"
-        'services = ["echo", "store"]\n'
-        + extra_peers
+        'services = ["echo", "store"]\n' + extra_peers
     )
 
 
@@ -244,7 +277,11 @@ def consentgate_status_count(consentgate: str, config: Path) -> int | None:
     try:
         out = subprocess.run(
             [consentgate, "--config", str(config), "status"],
-            capture_output=True, text=True, timeout=60, check=False, cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=REPO_ROOT,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -258,8 +295,9 @@ def consentgate_status_count(consentgate: str, config: Path) -> int | None:
 
 
 class _ConsentgateRunning(RunningReceiver):
-    def __init__(self, port: int, proc: ManagedProcess, data_dir: Path,
-                 consentgate: str, config: Path) -> None:
+    def __init__(
+        self, port: int, proc: ManagedProcess, data_dir: Path, consentgate: str, config: Path
+    ) -> None:
         super().__init__(Consentgate.ae_title, port, proc)
         self.archive = data_dir / "archive"
         self.consentgate = consentgate
@@ -307,7 +345,11 @@ class Consentgate(Receiver):
         )
         init = subprocess.run(
             [consentgate, "--config", str(cfg_path), "init"],
-            capture_output=True, text=True, timeout=120, check=False, cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            cwd=REPO_ROOT,
         )
         if init.returncode != 0:
             raise BenchError(
@@ -315,14 +357,23 @@ class Consentgate(Receiver):
                 + "\n".join((init.stdout + init.stderr).splitlines()[-10:])
             )
         cmd = [consentgate, "--config", str(cfg_path), "serve"]
-        with ManagedProcess(cmd, log_path=workdir / "consentgate.log", env=receiver_env(),
-                            cwd=REPO_ROOT, grace=40) as proc:
+        with ManagedProcess(
+            cmd, log_path=workdir / "consentgate.log", env=receiver_env(), cwd=REPO_ROOT, grace=40
+        ) as proc:
             url = f"http://{LOOPBACK}:{http_port}/healthz"
-            wait_until(lambda: http_get(url)[0] == 200, timeout=START_TIMEOUT,
-                       what="consentgate /healthz", interval=0.1, alive=proc.check_alive)
-            wait_until(lambda: _echo_ok(echoscu, self.ae_title, dicom_port),
-                       timeout=START_TIMEOUT, what="consentgate to answer C-ECHO",
-                       alive=proc.check_alive)
+            wait_until(
+                lambda: http_get(url)[0] == 200,
+                timeout=START_TIMEOUT,
+                what="consentgate /healthz",
+                interval=0.1,
+                alive=proc.check_alive,
+            )
+            wait_until(
+                lambda: _echo_ok(echoscu, self.ae_title, dicom_port),
+                timeout=START_TIMEOUT,
+                what="consentgate to answer C-ECHO",
+                alive=proc.check_alive,
+            )
             running = _ConsentgateRunning(dicom_port, proc, data_dir, consentgate, cfg_path)
             if running.count_instances() != 0:
                 raise BenchError("fresh consentgate does not start empty")

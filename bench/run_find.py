@@ -135,45 +135,73 @@ def fill_index(database_url: str, shape: Shape) -> float:
 
     def patients() -> Iterator[dict[str, Any]]:
         for p in range(1, shape.patients + 1):
-            yield {"id": p, "patient_id": patient_id(p), "issuer": "",
-                   "patient_name": f"BENCH^FIND^{p}", "birth_date": "19700101",
-                   "sex": "FO"[p % 2]}
+            yield {
+                "id": p,
+                "patient_id": patient_id(p),
+                "issuer": "",
+                "patient_name": f"BENCH^FIND^{p}",
+                "birth_date": "19700101",
+                "sex": "FO"[p % 2],
+            }
 
     def studies() -> Iterator[dict[str, Any]]:
         for s in range(1, shape.studies + 1):
             patient = (s - 1) // shape.studies_per_patient + 1
             day = s % 28 + 1
-            yield {"id": s, "patient_pk": patient, "study_instance_uid": _uid("study", s),
-                   "study_date": f"20{20 + s % 5}{s % 12 + 1:02d}{day:02d}",
-                   "study_time": "101500", "accession_number": f"BA{s:08d}",
-                   "study_id": str(s % 10000), "study_description": "BENCH FIND",
-                   "referring_physician_name": "REF^DOC",
-                   "modalities": "\\".join(sorted(set(modalities))),
-                   "number_of_series": shape.series_per_study,
-                   "number_of_instances": shape.series_per_study * shape.instances_per_series}
+            yield {
+                "id": s,
+                "patient_pk": patient,
+                "study_instance_uid": _uid("study", s),
+                "study_date": f"20{20 + s % 5}{s % 12 + 1:02d}{day:02d}",
+                "study_time": "101500",
+                "accession_number": f"BA{s:08d}",
+                "study_id": str(s % 10000),
+                "study_description": "BENCH FIND",
+                "referring_physician_name": "REF^DOC",
+                "modalities": "\\".join(sorted(set(modalities))),
+                "number_of_series": shape.series_per_study,
+                "number_of_instances": shape.series_per_study * shape.instances_per_series,
+            }
 
     def series() -> Iterator[dict[str, Any]]:
         for r in range(1, shape.series + 1):
             study = (r - 1) // shape.series_per_study + 1
             index = (r - 1) % shape.series_per_study
-            yield {"id": r, "study_pk": study, "series_instance_uid": _uid("series", r),
-                   "modality": modalities[index % len(modalities)],
-                   "series_number": str(index + 1), "series_description": "BENCH",
-                   "body_part_examined": "CHEST", "series_date": "", "series_time": "",
-                   "number_of_instances": shape.instances_per_series}
+            yield {
+                "id": r,
+                "study_pk": study,
+                "series_instance_uid": _uid("series", r),
+                "modality": modalities[index % len(modalities)],
+                "series_number": str(index + 1),
+                "series_description": "BENCH",
+                "body_part_examined": "CHEST",
+                "series_date": "",
+                "series_time": "",
+                "number_of_instances": shape.instances_per_series,
+            }
 
     def instances() -> Iterator[dict[str, Any]]:
         for i in range(1, shape.instances + 1):
             ser = (i - 1) // shape.instances_per_series + 1
-            yield {"id": i, "series_pk": ser, "sop_instance_uid": _uid("instance", i),
-                   "sop_class_uid": _CT,
-                   "instance_number": str((i - 1) % shape.instances_per_series + 1),
-                   "number_of_frames": 1, "transfer_syntax_uid": _EXPLICIT_LE,
-                   "size": 525_000, "path": f"bench/{ser}/{i}.dcm",
-                   "calling_ae": "STORESCU", "received_at": received}
+            yield {
+                "id": i,
+                "series_pk": ser,
+                "sop_instance_uid": _uid("instance", i),
+                "sop_class_uid": _CT,
+                "instance_number": str((i - 1) % shape.instances_per_series + 1),
+                "number_of_frames": 1,
+                "transfer_syntax_uid": _EXPLICIT_LE,
+                "size": 525_000,
+                "path": f"bench/{ser}/{i}.dcm",
+                "calling_ae": "STORESCU",
+                "received_at": received,
+            }
 
     tables: list[tuple[Any, Callable[[], Iterator[dict[str, Any]]]]] = [
-        (Patient, patients), (Study, studies), (Series, series), (Instance, instances),
+        (Patient, patients),
+        (Study, studies),
+        (Series, series),
+        (Instance, instances),
     ]
     t0 = time.perf_counter()
     try:
@@ -208,22 +236,39 @@ class Timing:
 
 def _timing(kind: str, seconds: Sequence[float], matches: int | None) -> Timing:
     ms = [s * 1000.0 for s in seconds]
-    return Timing(kind, len(ms), median(ms), percentile(ms, 95), min(ms), max(ms), matches,
-                  ms)
+    return Timing(kind, len(ms), median(ms), percentile(ms, 95), min(ms), max(ms), matches, ms)
 
 
 def findscu_command(findscu: str, port: int, pid: str) -> list[str]:
     """One Study Root, STUDY level C-FIND by Patient ID."""
-    return [findscu, "-v", "-S", "-aet", FIND_AET, "-aec", CG_AET,
-            "-to", "10", "-ta", "30", "-td", "30",
-            "-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientID={pid}",
-            "-k", "StudyInstanceUID", LOOPBACK, str(port)]
+    return [
+        findscu,
+        "-v",
+        "-S",
+        "-aet",
+        FIND_AET,
+        "-aec",
+        CG_AET,
+        "-to",
+        "10",
+        "-ta",
+        "30",
+        "-td",
+        "30",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"PatientID={pid}",
+        "-k",
+        "StudyInstanceUID",
+        LOOPBACK,
+        str(port),
+    ]
 
 
 def _findscu_matches(output: str) -> int:
     # DCMTK 3.6.7 logs one "Find Response: <n> (Pending)" line per match at -v.
-    return sum(1 for line in output.splitlines()
-               if "Find Response" in line and "Pending" in line)
+    return sum(1 for line in output.splitlines() if "Find Response" in line and "Pending" in line)
 
 
 def time_findscu(findscu: str, port: int, pids: Sequence[str]) -> tuple[list[float], int]:
@@ -234,8 +279,9 @@ def time_findscu(findscu: str, port: int, pids: Sequence[str]) -> tuple[list[flo
     for pid in pids:
         run = run_timed(findscu_command(findscu, port, pid), env=env, timeout=60)
         if run.returncode != 0:
-            raise BenchError(f"findscu failed ({run.returncode}):\n"
-                             + (run.stdout + run.stderr)[-2000:])
+            raise BenchError(
+                f"findscu failed ({run.returncode}):\n" + (run.stdout + run.stderr)[-2000:]
+            )
         seconds.append(run.seconds)
         counts.add(_findscu_matches(run.stdout + run.stderr))
     if len(counts) != 1:
@@ -290,8 +336,7 @@ def _run_find(assoc: Any, pid: str) -> int:
         _study_query(pid), StudyRootQueryRetrieveInformationModelFind
     ):
         if not status:
-            raise BenchError("C-FIND: connection timed out, was aborted or got an invalid "
-                             "response")
+            raise BenchError("C-FIND: connection timed out, was aborted or got an invalid response")
         final = int(status.Status)
         if final in (0xFF00, 0xFF01):
             if identifier is None or str(identifier.get("PatientID", "")) != pid:
@@ -302,8 +347,7 @@ def _run_find(assoc: Any, pid: str) -> int:
     return matches
 
 
-def time_pynetdicom(port: int, pids: Sequence[str], *, reuse: bool
-                    ) -> tuple[list[float], int]:
+def time_pynetdicom(port: int, pids: Sequence[str], *, reuse: bool) -> tuple[list[float], int]:
     """pynetdicom C-FIND latencies: new association per query, or one kept open."""
     ae = _make_ae()
     seconds: list[float] = []
@@ -342,22 +386,36 @@ def time_pynetdicom(port: int, pids: Sequence[str], *, reuse: bool
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(prog="python -m bench.run_find", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--instances", type=int, default=100_000,
-                   help="instances in the index (default 100000)")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run_find",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--instances", type=int, default=100_000, help="instances in the index (default 100000)"
+    )
     p.add_argument("--studies-per-patient", type=int, default=2)
     p.add_argument("--series-per-study", type=int, default=2)
     p.add_argument("--instances-per-series", type=int, default=25)
     p.add_argument("--queries", type=int, default=20, help="timed queries per kind")
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON results file (default bench/results/find-<timestamp>.json)")
-    p.add_argument("--tmpdir", type=Path, default=None,
-                   help="parent of the temporary working directory")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON results file (default bench/results/find-<timestamp>.json)",
+    )
+    p.add_argument(
+        "--tmpdir", type=Path, default=None, help="parent of the temporary working directory"
+    )
     p.add_argument("--keep-tmp", action="store_true", help="keep the data dir and logs")
     args = p.parse_args(argv)
-    for name in ("instances", "studies_per_patient", "series_per_study",
-                 "instances_per_series", "queries"):
+    for name in (
+        "instances",
+        "studies_per_patient",
+        "series_per_study",
+        "instances_per_series",
+        "queries",
+    ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.instances > 5_000_000 or args.queries > 10_000:
@@ -366,11 +424,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _shape(args: argparse.Namespace) -> Shape:
-    per_patient = (args.studies_per_patient * args.series_per_study
-                   * args.instances_per_series)
+    per_patient = args.studies_per_patient * args.series_per_study * args.instances_per_series
     patients = max(1, -(-args.instances // per_patient))
-    return Shape(patients, args.studies_per_patient, args.series_per_study,
-                 args.instances_per_series)
+    return Shape(
+        patients, args.studies_per_patient, args.series_per_study, args.instances_per_series
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -410,24 +468,41 @@ def _main(args: argparse.Namespace) -> int:
             "port = 104\n"
             'services = ["echo", "find"]\n'
         )
-        cfg.write_text(consentgate_toml(dicom_port=dicom_port, http_port=http_port,
-                                        data_dir=tmp / "cg-data", extra_peers=finder),
-                       encoding="utf-8")
-        init = subprocess.run([consentgate, "--config", str(cfg), "init"],
-                              capture_output=True, text=True, timeout=120, check=False,
-                              cwd=REPO_ROOT)
+        cfg.write_text(
+            consentgate_toml(
+                dicom_port=dicom_port,
+                http_port=http_port,
+                data_dir=tmp / "cg-data",
+                extra_peers=finder,
+            ),
+            encoding="utf-8",
+        )
+        init = subprocess.run(
+            [consentgate, "--config", str(cfg), "init"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            cwd=REPO_ROOT,
+        )
         if init.returncode != 0:
-            raise BenchError(f"'consentgate init' failed ({init.returncode}):\n"
-                             + (init.stdout + init.stderr)[-2000:])
+            raise BenchError(
+                f"'consentgate init' failed ({init.returncode}):\n"
+                + (init.stdout + init.stderr)[-2000:]
+            )
         url = load_settings(cfg).node.effective_database_url
-        print(f"filling index: {shape.patients} patients, {shape.studies} studies, "
-              f"{shape.series} series, {shape.instances} instances", flush=True)
+        print(
+            f"filling index: {shape.patients} patients, {shape.studies} studies, "
+            f"{shape.series} series, {shape.instances} instances",
+            flush=True,
+        )
         fill_s = fill_index(url, shape)
         print(f"index filled in {fill_s:.1f} s", flush=True)
         status_count = consentgate_status_count(consentgate, cfg)
         if status_count is not None and status_count != shape.instances:
-            raise BenchError(f"'consentgate status' reports {status_count} instances, "
-                             f"expected {shape.instances}")
+            raise BenchError(
+                f"'consentgate status' reports {status_count} instances, expected {shape.instances}"
+            )
 
         # Different patients spread over the index, one per query (+1 warm-up).
         n = args.queries
@@ -436,10 +511,15 @@ def _main(args: argparse.Namespace) -> int:
         warm, timed = pids[0], pids[1:]
 
         cmd = [consentgate, "--config", str(cfg), "serve"]
-        with ManagedProcess(cmd, log_path=tmp / "consentgate.log", env=receiver_env(),
-                            cwd=REPO_ROOT, grace=40) as proc:
-            wait_until(lambda: http_get(f"http://{LOOPBACK}:{http_port}/healthz")[0] == 200,
-                       timeout=30, what="consentgate /healthz", alive=proc.check_alive)
+        with ManagedProcess(
+            cmd, log_path=tmp / "consentgate.log", env=receiver_env(), cwd=REPO_ROOT, grace=40
+        ) as proc:
+            wait_until(
+                lambda: http_get(f"http://{LOOPBACK}:{http_port}/healthz")[0] == 200,
+                timeout=30,
+                what="consentgate /healthz",
+                alive=proc.check_alive,
+            )
             time_findscu(findscu, dicom_port, [warm])
             time_pynetdicom(dicom_port, [warm], reuse=False)
             f_s, f_matches = time_findscu(findscu, dicom_port, timed)
@@ -460,37 +540,54 @@ def _main(args: argparse.Namespace) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     expected = shape.studies_per_patient
-    print(f"\nC-FIND STUDY level, PatientID=<one of {shape.patients}>, index of "
-          f"{shape.instances} instances / {shape.studies} studies; {n} queries each")
+    print(
+        f"\nC-FIND STUDY level, PatientID=<one of {shape.patients}>, index of "
+        f"{shape.instances} instances / {shape.studies} studies; {n} queries each"
+    )
     header = f"{'kind':<26} {'median ms':>10} {'p95 ms':>8} {'min ms':>8} {'max ms':>8}  matches"
     print(header)
     print("-" * len(header))
     for t in timings:
         m = "-" if t.matches_per_query is None else str(t.matches_per_query)
-        print(f"{t.kind:<26} {t.median_ms:>10.1f} {t.p95_ms:>8.1f} {t.min_ms:>8.1f} "
-              f"{t.max_ms:>8.1f}  {m}")
-    bad = [t.kind for t in timings
-           if t.matches_per_query is not None and t.matches_per_query != expected]
+        print(
+            f"{t.kind:<26} {t.median_ms:>10.1f} {t.p95_ms:>8.1f} {t.min_ms:>8.1f} "
+            f"{t.max_ms:>8.1f}  {m}"
+        )
+    bad = [
+        t.kind
+        for t in timings
+        if t.matches_per_query is not None and t.matches_per_query != expected
+    ]
     ok = not bad
     if bad:
         print(f"\nWRONG RESULTS: expected {expected} studies per patient from {', '.join(bad)}")
     print()
     for t in timings[:3]:
         verdict = "met" if t.median_ms < TARGET_MS else "NOT met"
-        print(f"target: C-FIND median < {TARGET_MS:.0f} ms at {shape.instances} instances, "
-              f"{t.kind}: {t.median_ms:.1f} ms -> {verdict}")
+        print(
+            f"target: C-FIND median < {TARGET_MS:.0f} ms at {shape.instances} instances, "
+            f"{t.kind}: {t.median_ms:.1f} ms -> {verdict}"
+        )
     findscu_t = timings[0]
 
     doc = {
         "benchmark": "find",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": {"machine": platform.machine(), "python": platform.python_version(),
-                 "platform": platform.platform()},
+        "host": {
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "revision": git_revision(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "tools": {"findscu": tool_version(findscu), "echoscu": tool_version(echoscu)},
-        "index": asdict(shape) | {"instances": shape.instances, "studies": shape.studies,
-                                  "series": shape.series, "fill_seconds": fill_s},
+        "index": asdict(shape)
+        | {
+            "instances": shape.instances,
+            "studies": shape.studies,
+            "series": shape.series,
+            "fill_seconds": fill_s,
+        },
         "expected_matches_per_query": expected,
         "timings": [asdict(t) for t in timings],
         "target_ms": TARGET_MS,

@@ -138,10 +138,12 @@ def build_corpora(root: Path, ct: int, small: int, which: Sequence[str]) -> list
         missing = [f for f in files if not f.is_file()]
         if missing:
             raise BenchError(f"tests.corpus returned missing files, e.g. {missing[0]}")
-        corpus = Corpus(name, files, tuple(f.stat().st_size for f in files),
-                        _storescu_flags(files))
-        print(f"corpus {corpus.label}: {corpus.total_bytes / 1e6:.1f} MB generated in "
-              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        corpus = Corpus(name, files, tuple(f.stat().st_size for f in files), _storescu_flags(files))
+        print(
+            f"corpus {corpus.label}: {corpus.total_bytes / 1e6:.1f} MB generated in "
+            f"{time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
         corpora.append(corpus)
     return corpora
 
@@ -192,19 +194,39 @@ class Row:
 def storescu_command(storescu: str, receiver_aet: str, port: int, corpus: Corpus) -> list[str]:
     """storescu sending every file of ``corpus`` over one association."""
     return [
-        storescu, "-aet", SENDER_AET, "-aec", receiver_aet,
-        "-to", "10", "-ta", "30", "-ts", "60",
+        storescu,
+        "-aet",
+        SENDER_AET,
+        "-aec",
+        receiver_aet,
+        "-to",
+        "10",
+        "-ta",
+        "30",
+        "-ts",
+        "60",
         *corpus.storescu_flags,
-        LOOPBACK, str(port),
+        LOOPBACK,
+        str(port),
         *(str(f) for f in corpus.files),
     ]
 
 
-def run_one(receiver: Receiver, corpus: Corpus, mode: str, repeat: int, workdir: Path,
-            *, storescu: str, run_timeout: float, settle_timeout: float) -> RunResult:
+def run_one(
+    receiver: Receiver,
+    corpus: Corpus,
+    mode: str,
+    repeat: int,
+    workdir: Path,
+    *,
+    storescu: str,
+    run_timeout: float,
+    settle_timeout: float,
+) -> RunResult:
     """Start a clean receiver, send ``corpus`` once, verify, stop the receiver."""
-    result = RunResult(receiver.name, corpus.name, corpus.label, mode, repeat,
-                       corpus.count, corpus.total_bytes)
+    result = RunResult(
+        receiver.name, corpus.name, corpus.label, mode, repeat, corpus.count, corpus.total_bytes
+    )
     workdir.mkdir(parents=True)
     with receiver.launch(workdir) as rx:
         cmd = storescu_command(storescu, rx.ae_title, rx.port, corpus)
@@ -217,6 +239,7 @@ def run_one(receiver: Receiver, corpus: Corpus, mode: str, repeat: int, workdir:
         elif run.returncode != 0:
             tail = "\n".join((run.stdout + run.stderr).splitlines()[-10:])
             result.error = f"storescu exited with status {run.returncode}: {tail}"
+
         def complete() -> bool:
             try:
                 return rx.count_instances() >= corpus.count
@@ -225,7 +248,9 @@ def run_one(receiver: Receiver, corpus: Corpus, mode: str, repeat: int, workdir:
 
         with contextlib.suppress(BenchError):
             result.settle_seconds = wait_until(
-                complete, timeout=settle_timeout, interval=0.05,
+                complete,
+                timeout=settle_timeout,
+                interval=0.05,
                 what=f"{receiver.name} to hold {corpus.count} instances",
             )
         try:
@@ -235,8 +260,10 @@ def run_one(receiver: Receiver, corpus: Corpus, mode: str, repeat: int, workdir:
             result.ok = False
             return result
         if result.received != corpus.count and not result.error:
-            result.error = (f"receiver holds {result.received} instances, "
-                            f"expected {corpus.count}; log tail:\n{rx.proc.log_tail(10)}")
+            result.error = (
+                f"receiver holds {result.received} instances, "
+                f"expected {corpus.count}; log tail:\n{rx.proc.log_tail(10)}"
+            )
     result.ok = not result.error
     return result
 
@@ -248,8 +275,9 @@ def summarize(results: Sequence[RunResult]) -> list[Row]:
         key = (r.receiver, r.corpus, r.mode)
         row = rows.get(key)
         if row is None:
-            row = rows[key] = Row(r.receiver, r.corpus, r.label, r.mode, r.instances,
-                                  r.bytes / 1e6, 0, 0)
+            row = rows[key] = Row(
+                r.receiver, r.corpus, r.label, r.mode, r.instances, r.bytes / 1e6, 0, 0
+            )
         row.runs += 1
         if r.ok and r.seconds is not None:
             row.runs_ok += 1
@@ -263,8 +291,12 @@ def summarize(results: Sequence[RunResult]) -> list[Row]:
             row.megabytes_per_second = row.megabytes / row.median_seconds
     for row in rows.values():
         base = rows.get(("storescp", row.corpus, row.mode))
-        if (base is not None and base.median_seconds and row.median_seconds
-                and base.instances == row.instances):
+        if (
+            base is not None
+            and base.median_seconds
+            and row.median_seconds
+            and base.instances == row.instances
+        ):
             row.ratio_to_storescp = base.median_seconds / row.median_seconds
     return list(rows.values())
 
@@ -276,8 +308,10 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_table(rows: Sequence[Row]) -> None:
     """The human-readable result table."""
-    header = (f"{'receiver':<12} {'corpus':<18} {'mode':<8} {'inst':>5} {'MB':>7} "
-              f"{'median s':>9} {'inst/s':>8} {'MB/s':>7}  {'vs storescp'}")
+    header = (
+        f"{'receiver':<12} {'corpus':<18} {'mode':<8} {'inst':>5} {'MB':>7} "
+        f"{'median s':>9} {'inst/s':>8} {'MB/s':>7}  {'vs storescp'}"
+    )
     print()
     print(header)
     print("-" * len(header))
@@ -288,10 +322,12 @@ def print_table(rows: Sequence[Row]) -> None:
             ratio = "-"
         else:
             ratio = f"{row.ratio_to_storescp:.2f}x storescp"
-        print(f"{row.receiver:<12} {row.label:<18} {row.mode:<8} {row.instances:>5} "
-              f"{row.megabytes:>7.1f} {_fmt(row.median_seconds, '9.3f')} "
-              f"{_fmt(row.instances_per_second, '8.1f')} "
-              f"{_fmt(row.megabytes_per_second, '7.1f')}  {ratio}")
+        print(
+            f"{row.receiver:<12} {row.label:<18} {row.mode:<8} {row.instances:>5} "
+            f"{row.megabytes:>7.1f} {_fmt(row.median_seconds, '9.3f')} "
+            f"{_fmt(row.instances_per_second, '8.1f')} "
+            f"{_fmt(row.megabytes_per_second, '7.1f')}  {ratio}"
+        )
 
 
 def target_checks(rows: Sequence[Row]) -> list[str]:
@@ -302,21 +338,28 @@ def target_checks(rows: Sequence[Row]) -> list[str]:
         cg = by_key.get(("consentgate", corpus, "nodelay"))
         if cg is not None and cg.ratio_to_storescp is not None:
             verdict = "met" if cg.ratio_to_storescp >= 0.5 else "NOT met"
-            lines.append(f"target nodelay {cg.label}: consentgate >= 0.50x storescp: "
-                         f"{cg.ratio_to_storescp:.2f}x -> {verdict}")
+            lines.append(
+                f"target nodelay {cg.label}: consentgate >= 0.50x storescp: "
+                f"{cg.ratio_to_storescp:.2f}x -> {verdict}"
+            )
         if corpus != "small":
             # Nagle only stalls small instances (~20 inst/s); large ones fill segments.
             continue
         cg = by_key.get(("consentgate", corpus, "nagle"))
         refs = [by_key.get((name, corpus, "nagle")) for name in ("storescp", "orthanc")]
-        ref_rates = [r.instances_per_second for r in refs
-                     if r is not None and r.instances_per_second is not None]
+        ref_rates = [
+            r.instances_per_second
+            for r in refs
+            if r is not None and r.instances_per_second is not None
+        ]
         if cg is not None and cg.instances_per_second is not None and ref_rates:
             need = 5 * max(ref_rates)
             verdict = "met" if cg.instances_per_second >= need else "NOT met"
-            lines.append(f"target nagle {cg.label}: consentgate >= 5x best of "
-                         f"storescp/orthanc ({need:.1f} inst/s): "
-                         f"{cg.instances_per_second:.1f} inst/s -> {verdict}")
+            lines.append(
+                f"target nagle {cg.label}: consentgate >= 5x best of "
+                f"storescp/orthanc ({need:.1f} inst/s): "
+                f"{cg.instances_per_second:.1f} inst/s -> {verdict}"
+            )
     return lines
 
 
@@ -333,32 +376,64 @@ def _csv(value: str, allowed: Sequence[str], what: str) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(prog="python -m bench.run_store", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run_store",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--ct", type=int, default=300, help="CT instances (~0.5 MB each)")
     p.add_argument("--small", type=int, default=1000, help="small instances (~10 kB each)")
     p.add_argument("--repeats", type=int, default=3, help="runs per cell; median reported")
-    p.add_argument("--nagle-count", type=int, default=200,
-                   help="instances sent per corpus in nagle mode (default 200)")
-    p.add_argument("--receivers", default=",".join(RECEIVERS),
-                   type=lambda v: _csv(v, list(RECEIVERS), "--receivers"),
-                   help="comma-separated subset of: " + ", ".join(RECEIVERS))
-    p.add_argument("--modes", default=",".join(MODES),
-                   type=lambda v: _csv(v, MODES, "--modes"),
-                   help="comma-separated subset of: " + ", ".join(MODES))
-    p.add_argument("--corpora", default=",".join(CORPORA),
-                   type=lambda v: _csv(v, CORPORA, "--corpora"),
-                   help="comma-separated subset of: " + ", ".join(CORPORA))
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON results file (default bench/results/store-<timestamp>.json)")
-    p.add_argument("--tmpdir", type=Path, default=None,
-                   help="parent of the temporary working directory")
-    p.add_argument("--keep-tmp", action="store_true",
-                   help="keep corpora, receiver logs and data for inspection")
-    p.add_argument("--run-timeout", type=float, default=None,
-                   help="max seconds for one storescu run (default 120 + 1 s/instance)")
-    p.add_argument("--settle-timeout", type=float, default=10.0,
-                   help="max seconds after storescu exits for the count to be reached")
+    p.add_argument(
+        "--nagle-count",
+        type=int,
+        default=200,
+        help="instances sent per corpus in nagle mode (default 200)",
+    )
+    p.add_argument(
+        "--receivers",
+        default=",".join(RECEIVERS),
+        type=lambda v: _csv(v, list(RECEIVERS), "--receivers"),
+        help="comma-separated subset of: " + ", ".join(RECEIVERS),
+    )
+    p.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        type=lambda v: _csv(v, MODES, "--modes"),
+        help="comma-separated subset of: " + ", ".join(MODES),
+    )
+    p.add_argument(
+        "--corpora",
+        default=",".join(CORPORA),
+        type=lambda v: _csv(v, CORPORA, "--corpora"),
+        help="comma-separated subset of: " + ", ".join(CORPORA),
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON results file (default bench/results/store-<timestamp>.json)",
+    )
+    p.add_argument(
+        "--tmpdir", type=Path, default=None, help="parent of the temporary working directory"
+    )
+    p.add_argument(
+        "--keep-tmp",
+        action="store_true",
+        help="keep corpora, receiver logs and data for inspection",
+    )
+    p.add_argument(
+        "--run-timeout",
+        type=float,
+        default=None,
+        help="max seconds for one storescu run (default 120 + 1 s/instance)",
+    )
+    p.add_argument(
+        "--settle-timeout",
+        type=float,
+        default=10.0,
+        help="max seconds after storescu exits for the count to be reached",
+    )
     args = p.parse_args(argv)
     for name in ("ct", "small", "repeats", "nagle_count"):
         value = getattr(args, name)
@@ -403,30 +478,60 @@ def _main(args: argparse.Namespace) -> int:
         for corpus in corpora:
             for mode in args.modes:
                 sent = corpus if mode == "nodelay" else corpus.head(args.nagle_count)
-                plan.extend((sent, mode, rep, rx) for rep in range(args.repeats)
-                            for rx in receivers)
+                plan.extend(
+                    (sent, mode, rep, rx) for rep in range(args.repeats) for rx in receivers
+                )
         if "nagle" in args.modes:
-            print(f"note: nagle mode sends the first {args.nagle_count} instances of each "
-                  "corpus (same count for every receiver); nodelay mode sends all",
-                  flush=True)
+            print(
+                f"note: nagle mode sends the first {args.nagle_count} instances of each "
+                "corpus (same count for every receiver); nodelay mode sends all",
+                flush=True,
+            )
         for index, (corpus, mode, rep, rx) in enumerate(plan, start=1):
-            prefix = (f"[{index:>3}/{len(plan)}] {corpus.label:<18} {mode:<7} "
-                      f"rep {rep + 1}/{args.repeats} {rx.name:<11}")
+            prefix = (
+                f"[{index:>3}/{len(plan)}] {corpus.label:<18} {mode:<7} "
+                f"rep {rep + 1}/{args.repeats} {rx.name:<11}"
+            )
             if rx.name in broken:
-                results.append(RunResult(rx.name, corpus.name, corpus.label, mode, rep,
-                                         corpus.count, corpus.total_bytes,
-                                         error=f"skipped: {broken[rx.name]}"))
+                results.append(
+                    RunResult(
+                        rx.name,
+                        corpus.name,
+                        corpus.label,
+                        mode,
+                        rep,
+                        corpus.count,
+                        corpus.total_bytes,
+                        error=f"skipped: {broken[rx.name]}",
+                    )
+                )
                 print(f"{prefix} skipped (receiver failed to start earlier)", flush=True)
                 continue
             timeout = args.run_timeout or 120.0 + 1.0 * corpus.count
             workdir = tmp / f"run-{index:03d}-{rx.name}-{corpus.name}-{mode}"
             try:
-                res = run_one(rx, corpus, mode, rep, workdir, storescu=storescu,
-                              run_timeout=timeout, settle_timeout=args.settle_timeout)
+                res = run_one(
+                    rx,
+                    corpus,
+                    mode,
+                    rep,
+                    workdir,
+                    storescu=storescu,
+                    run_timeout=timeout,
+                    settle_timeout=args.settle_timeout,
+                )
             except BenchError as exc:
                 broken[rx.name] = str(exc).splitlines()[0]
-                res = RunResult(rx.name, corpus.name, corpus.label, mode, rep,
-                                corpus.count, corpus.total_bytes, error=str(exc))
+                res = RunResult(
+                    rx.name,
+                    corpus.name,
+                    corpus.label,
+                    mode,
+                    rep,
+                    corpus.count,
+                    corpus.total_bytes,
+                    error=str(exc),
+                )
                 print(f"{prefix} RECEIVER FAILED: {exc}", flush=True)
             finally:
                 if not args.keep_tmp:
@@ -434,8 +539,11 @@ def _main(args: argparse.Namespace) -> int:
             results.append(res)
             if res.seconds is not None:
                 status = "ok" if res.ok else f"FAILED: {res.error.splitlines()[0]}"
-                print(f"{prefix} {res.seconds:8.3f} s {res.instances / res.seconds:8.1f} "
-                      f"inst/s  {status}", flush=True)
+                print(
+                    f"{prefix} {res.seconds:8.3f} s {res.instances / res.seconds:8.1f} "
+                    f"inst/s  {status}",
+                    flush=True,
+                )
     finally:
         if args.keep_tmp:
             print(f"temporary files kept in {tmp}")
@@ -445,8 +553,10 @@ def _main(args: argparse.Namespace) -> int:
     rows = summarize(results)
     print_table(rows)
     if "nagle" in args.modes:
-        print(f"(nagle rows: first {args.nagle_count} instances of each corpus; "
-              "receivers always run with TCP_NODELAY=1)")
+        print(
+            f"(nagle rows: first {args.nagle_count} instances of each corpus; "
+            "receivers always run with TCP_NODELAY=1)"
+        )
     checks = target_checks(rows)
     if checks:
         print()
@@ -456,15 +566,24 @@ def _main(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
-def write_json(path: Path, args: argparse.Namespace, receivers: Sequence[Receiver],
-               storescu: str, results: Sequence[RunResult], rows: Sequence[Row],
-               checks: Sequence[str]) -> None:
+def write_json(
+    path: Path,
+    args: argparse.Namespace,
+    receivers: Sequence[Receiver],
+    storescu: str,
+    results: Sequence[RunResult],
+    rows: Sequence[Row],
+    checks: Sequence[str],
+) -> None:
     """Write the machine-readable results."""
     doc: dict[str, Any] = {
         "benchmark": "store",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": {"machine": platform.machine(), "python": platform.python_version(),
-                 "platform": platform.platform()},
+        "host": {
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "revision": git_revision(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "sender": {"tool": storescu, "version": tool_version(storescu)},

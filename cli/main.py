@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from cli import database
 from cli.consent_commands import register_consent_commands
 from cli.router_commands import register_router_commands
-from cli.runtime import Runtime, SchemaOutOfDate, build_node, build_runtime, check_schema
+from cli.runtime import Runtime, SchemaOutOfDate, build_runtime, check_schema
 from config.settings import ConfigError, PeerSettings, Settings, load_settings
 
 LOG = logging.getLogger("consentgate")
@@ -161,6 +161,7 @@ def db_upgrade(app: AppContext) -> None:
 @click.pass_obj
 def serve(app: AppContext) -> None:
     """Run the DICOM node and the /healthz + /metrics endpoint until SIGTERM or SIGINT."""
+    from cli.node_process import ConfigurationMismatch, NodeProcess, check_purposes
     from cli.ops_http import OpsServer
 
     settings = app.settings
@@ -172,7 +173,12 @@ def serve(app: AppContext) -> None:
         raise CliError(f"cannot prepare {node_settings.data_dir}: {exc.strerror}") from None
     if removed:
         LOG.info("removed %d incomplete staging file(s) left by a crash", removed)
-    node = build_node(runtime)
+    try:
+        check_purposes(runtime)
+    except ConfigurationMismatch as exc:
+        runtime.close()
+        raise ConfigProblem(str(exc)) from None
+    node = NodeProcess(runtime)
     try:
         ops = OpsServer(runtime, node_settings.http_host, node_settings.http_port)
     except OSError as exc:

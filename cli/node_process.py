@@ -49,7 +49,7 @@ class NodeProcess:
         sweep_interval: float = 30.0,
     ) -> None:
         self.runtime = runtime
-        self.node = build_node(runtime, on_jobs=self._on_jobs)
+        self.node = build_node(runtime)
         self.forwarders = ForwarderPool(
             runtime.settings,
             runtime.queue,
@@ -71,6 +71,7 @@ class NodeProcess:
         self._stop = threading.Event()
         self._poll_now = threading.Event()
         self._unsubscribe = runtime.consent.subscribe(self._on_consent_change)
+        runtime.wakeups.subscribe(self.forwarders.wake)
         self._sync_thread = threading.Thread(
             target=self._sync_loop, name="consent-sync", daemon=True
         )
@@ -83,10 +84,6 @@ class NodeProcess:
         self.forwarders.start()
         self._sync_thread.start()
         return self.node.start()
-
-    def _on_jobs(self, destinations: Iterable[str]) -> None:
-        for destination in destinations:
-            self.forwarders.wake(destination)
 
     def _on_consent_change(self, change: object) -> None:
         # a change made in this process: poll now rather than at the next interval

@@ -23,6 +23,7 @@ from dicom_node.handlers import NodeHandlers
 from dicom_node.metrics import NodeMetrics
 from dicom_node.server import DicomNode
 from router.gate import AccessGate, ArchivedPatient
+from router.hook import RoutingHook, Wakeups
 from router.planner import PatientFacts, Planner
 from router.queue import JobQueue
 from router.routes import RouteTable
@@ -48,6 +49,7 @@ class Runtime:
     queue: JobQueue
     routes: RouteTable
     planner: Planner
+    wakeups: Wakeups
     gate: AccessGate
 
     def close(self) -> None:
@@ -92,19 +94,23 @@ def build_runtime(settings: Settings) -> Runtime:
             sex=patient.sex,
         )
 
+    queue = JobQueue(sessions)
+    planner = Planner(routes, resolve_facts, consent.decide)
+    wakeups = Wakeups()
     return Runtime(
         settings=settings,
         engine=engine,
         sessions=sessions,
         files=files,
         index=index,
-        archive=Archive(files, index),
+        archive=Archive(files, index, RoutingHook(planner, queue, wakeups)),
         registry=registry,
         metrics=NodeMetrics(registry),
         consent=consent,
-        queue=JobQueue(sessions),
+        queue=queue,
         routes=routes,
-        planner=Planner(routes, resolve_facts, consent.decide),
+        planner=planner,
+        wakeups=wakeups,
         gate=AccessGate(resolve_archived, consent.decide),
     )
 

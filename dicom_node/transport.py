@@ -99,9 +99,7 @@ class GatewayRequestHandler(RequestHandler):
         assoc = GatewayAssociation(ae, MODE_ACCEPTOR)
         assoc._server = server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"  # pynetdicom counts these
-        sock = GatewaySocket(
-            assoc, client_socket=self.request, max_pdu_length=ae.maximum_pdu_size
-        )
+        sock = GatewaySocket(assoc, client_socket=self.request, max_pdu_length=ae.maximum_pdu_size)
         assoc.set_socket(sock)
         acceptor = assoc.acceptor
         acceptor.maximum_length = ae.maximum_pdu_size

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from consent.decision import ConsentChange, Outcome
-from router.decisions import Decide
+from router.decisions import Decide, failed
 from router.models import ForwardJob, HoldReason, JobState
 from router.queue import JobQueue
 
@@ -81,6 +81,6 @@ class ConsentSync:
             if patient_pk is None:
                 continue
             decision = self._decide(patient_pk, purpose)
-            if decision.outcome is not Outcome.UNDECIDED:
+            if decision.outcome is not Outcome.UNDECIDED and not failed(decision):
                 affected += self.apply(ConsentChange(patient_pk, purpose, decision.outcome))
         return affected

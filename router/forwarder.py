@@ -27,7 +27,7 @@ from pynetdicom.presentation import PresentationContext
 from config.settings import NodeSettings, PeerSettings, Settings
 from dicom_node.archive.files import InstanceFiles
 from dicom_node.scu import ScuError, connect
-from router.decisions import Decide, Outcome
+from router.decisions import Decide, Outcome, failed
 from router.queue import ClaimedJob, JobQueue
 
 LOG = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class DestinationWorker(threading.Thread):
     def _process_one(self, job: ClaimedJob, batch: list[ClaimedJob]) -> None:
         if job.purpose:
             decision = self._decide(job.patient_pk, job.purpose)
-            if decision.outcome is Outcome.DENY:
+            if decision.outcome is Outcome.DENY and not failed(decision):
                 self._queue.drop(job, self._owner, f"consent: {decision.reason}")
                 return
             if decision.outcome is not Outcome.PERMIT:

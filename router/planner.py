@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from consent.decision import Resolution
-from router.decisions import Decide, Outcome
+from router.decisions import Decide, Outcome, failed
 from router.models import HoldReason, JobState
 from router.queue import JobSpec
 from router.routes import RouteTable
@@ -94,7 +94,7 @@ class Planner:
                     decision = self._decide(patient_pk, purpose)
                     if decision.outcome is Outcome.PERMIT:
                         decisions[purpose] = (JobState.READY, "", "")
-                    elif decision.outcome is Outcome.DENY:
+                    elif decision.outcome is Outcome.DENY and not failed(decision):
                         decisions[purpose] = (JobState.DROPPED, "", f"consent: {decision.reason}")
                     else:
                         decisions[purpose] = (

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Connection, and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.archive.models import Instance
@@ -90,31 +90,33 @@ class JobQueue:
 
     # -- creation (inside the caller's transaction) --------------------------------
 
-    def add_jobs(self, session: Session, instance_pk: int, specs: Iterable[JobSpec]) -> int:
-        """Add the jobs of a newly indexed instance in the caller's transaction."""
+    def insert_jobs(
+        self, connection: Connection, instance_pk: int, specs: Iterable[JobSpec]
+    ) -> int:
+        """Add the jobs of a newly indexed instance inside the caller's transaction."""
         now = self._clock()
-        count = 0
-        for spec in specs:
-            session.add(
-                ForwardJob(
-                    instance_pk=instance_pk,
-                    destination=spec.destination,
-                    route=spec.route,
-                    purpose=spec.purpose,
-                    patient_pk=spec.patient_pk,
-                    state=spec.state.value,
-                    hold_reason=spec.hold_reason,
-                    attempts=0,
-                    next_attempt_at=now,
-                    lease_owner="",
-                    lease_until=None,
-                    last_error=spec.note[:255],
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
-            count += 1
-        return count
+        rows = [
+            {
+                "instance_pk": instance_pk,
+                "destination": spec.destination,
+                "route": spec.route,
+                "purpose": spec.purpose,
+                "patient_pk": spec.patient_pk,
+                "state": spec.state.value,
+                "hold_reason": spec.hold_reason,
+                "attempts": 0,
+                "next_attempt_at": now,
+                "lease_owner": "",
+                "lease_until": None,
+                "last_error": spec.note[:255],
+                "created_at": now,
+                "updated_at": now,
+            }
+            for spec in specs
+        ]
+        if rows:
+            connection.execute(insert(ForwardJob), rows)
+        return len(rows)
 
     # -- forwarders ----------------------------------------------------------------
 

@@ -86,10 +86,17 @@ def make_settings(data_dir: Path, db_url: str, **node_overrides: object) -> Sett
     )
     node = replace(node, **node_overrides)  # type: ignore[arg-type]
     peers = (
-        PeerSettings("modality", MODALITY_AE, "127.0.0.1", 104, frozenset({"echo", "store"}),
-                     issuer="CHR-METZ"),
-        PeerSettings("pacs", PACS_AE, "127.0.0.1", free_port(),
-                     frozenset({"echo", "find", "move", "get"})),
+        PeerSettings(
+            "modality",
+            MODALITY_AE,
+            "127.0.0.1",
+            104,
+            frozenset({"echo", "store"}),
+            issuer="CHR-METZ",
+        ),
+        PeerSettings(
+            "pacs", PACS_AE, "127.0.0.1", free_port(), frozenset({"echo", "find", "move", "get"})
+        ),
     )
     return Settings(node=node, peers=peers, source="<tests>")
 
@@ -165,14 +172,29 @@ def storescu_profile(directory: Path, files: list[CorpusFile]) -> Path:
     return path
 
 
-def storescu(running: RunningNode, files: list[CorpusFile], work_dir: Path,
-             calling_ae: str = MODALITY_AE) -> subprocess.CompletedProcess[str]:
+def storescu(
+    running: RunningNode, files: list[CorpusFile], work_dir: Path, calling_ae: str = MODALITY_AE
+) -> subprocess.CompletedProcess[str]:
     """Send ``files`` to the node with DCMTK storescu, each in its own transfer syntax."""
     profile = storescu_profile(work_dir, files)
     return run_tool(
-        "storescu", "-aet", calling_ae, "-aec", running.ae_title, "-xf", profile, "Corpus",
-        "-to", "10", "-ta", "10", "-td", "30",
-        running.host, running.port, *(f.path for f in files),
+        "storescu",
+        "-aet",
+        calling_ae,
+        "-aec",
+        running.ae_title,
+        "-xf",
+        profile,
+        "Corpus",
+        "-to",
+        "10",
+        "-ta",
+        "10",
+        "-td",
+        "30",
+        running.host,
+        running.port,
+        *(f.path for f in files),
     )
 
 
@@ -184,7 +206,7 @@ def dataset_bytes(path: Path) -> bytes:
     # (0002,0000) UL, explicit VR little endian: tag 4 + VR 2 + length 2 + value 4
     assert raw[132:138] == b"\x02\x00\x00\x00UL", f"{path}: no File Meta group length"
     group_length = int.from_bytes(raw[140:144], "little")
-    return raw[144 + group_length:]
+    return raw[144 + group_length :]
 
 
 # -- `consentgate serve` as a subprocess (CLI and crash tests) ------------------------------
@@ -192,21 +214,45 @@ def dataset_bytes(path: Path) -> bytes:
 CONSENTGATE_BIN = Path(sys.executable).with_name("consentgate")
 
 
-def write_config(path: Path, data_dir: Path, db_url: str, *, dicom_port: int, http_port: int,
-                 peers: list[dict[str, object]] | None = None, **node: object) -> Path:
+def write_config(
+    path: Path,
+    data_dir: Path,
+    db_url: str,
+    *,
+    dicom_port: int,
+    http_port: int,
+    peers: list[dict[str, object]] | None = None,
+    **node: object,
+) -> Path:
     """Write a consentgate.toml for a node on loopback; default peers: the modality
     (echo, store) and the PACS (echo, find, move, get) of :func:`make_settings`."""
     values: dict[str, object] = {
-        "ae_title": NODE_AE, "dicom_host": "127.0.0.1", "dicom_port": dicom_port,
-        "http_host": "127.0.0.1", "http_port": http_port, "data_dir": str(data_dir),
-        "database_url": db_url, "shutdown_grace": 10.0, **node,
+        "ae_title": NODE_AE,
+        "dicom_host": "127.0.0.1",
+        "dicom_port": dicom_port,
+        "http_host": "127.0.0.1",
+        "http_port": http_port,
+        "data_dir": str(data_dir),
+        "database_url": db_url,
+        "shutdown_grace": 10.0,
+        **node,
     }
     if peers is None:
         peers = [
-            {"name": "modality", "ae_title": MODALITY_AE, "host": "127.0.0.1", "port": 104,
-             "services": ["echo", "store"]},
-            {"name": "pacs", "ae_title": PACS_AE, "host": "127.0.0.1", "port": free_port(),
-             "services": ["echo", "find", "move", "get"]},
+            {
+                "name": "modality",
+                "ae_title": MODALITY_AE,
+                "host": "127.0.0.1",
+                "port": 104,
+                "services": ["echo", "store"],
+            },
+            {
+                "name": "pacs",
+                "ae_title": PACS_AE,
+                "host": "127.0.0.1",
+                "port": free_port(),
+                "services": ["echo", "find", "move", "get"],
+            },
         ]
     lines = ["[node]", *(f"{k} = {json.dumps(v)}" for k, v in values.items())]
     for peer in peers:
@@ -237,7 +283,9 @@ class ServeProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [str(CONSENTGATE_BIN), "--config", str(self.config), "serve"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:

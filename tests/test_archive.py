@@ -109,8 +109,9 @@ def test_stored_data_set_is_byte_identical_to_the_one_sent(
         assert meta.TransferSyntaxUID == f.transfer_syntax_uid
         assert rows[f.sop_instance_uid].transfer_syntax_uid == f.transfer_syntax_uid
 
-    assert _counter(running_node, "consentgate_instances_received_total",
-                    outcome="stored") == len(corpus)
+    assert _counter(running_node, "consentgate_instances_received_total", outcome="stored") == len(
+        corpus
+    )
     assert _counter(running_node, "consentgate_bytes_received_total") == sum(
         i.size for i in rows.values()
     )
@@ -127,7 +128,9 @@ def test_stored_data_set_is_byte_identical_to_the_one_sent(
     ids=["instance-uid", "class-uid"],
 )
 def test_dataset_differing_from_command_is_refused(
-    running_node: RunningNode, corpus: list[CorpusFile], tmp_path: Path,
+    running_node: RunningNode,
+    corpus: list[CorpusFile],
+    tmp_path: Path,
     forged_meta: dict[str, str],
 ) -> None:
     source = next(f for f in corpus if f.sop_class_uid == CTImageStorage)
@@ -138,18 +141,24 @@ def test_dataset_differing_from_command_is_refused(
     assert (ds.SOPInstanceUID, ds.SOPClassUID) == (source.sop_instance_uid, CTImageStorage)
 
     runtime = running_node.runtime
-    with _association(running_node, [source], (MRImageStorage, source.transfer_syntax_uid)) \
-            as assoc:
+    with _association(
+        running_node, [source], (MRImageStorage, source.transfer_syntax_uid)
+    ) as assoc:
         status = _store(assoc, forged)
         assert code_to_category(status) == "Failure", f"status 0x{status:04X}"
         assert runtime.index.counts() == {
-            "patients": 0, "studies": 0, "series": 0, "instances": 0, "bytes": 0
+            "patients": 0,
+            "studies": 0,
+            "series": 0,
+            "instances": 0,
+            "bytes": 0,
         }
         assert _files_under(runtime.files.root, runtime.files.tmp) == []
-        assert _counter(running_node, "consentgate_instances_received_total",
-                        outcome="stored") == 0
-        assert _counter(running_node, "consentgate_errors_total", service="store",
-                        status=hex(status)) == 1
+        assert _counter(running_node, "consentgate_instances_received_total", outcome="stored") == 0
+        assert (
+            _counter(running_node, "consentgate_errors_total", service="store", status=hex(status))
+            == 1
+        )
         # the association stays usable: the genuine instance is then accepted
         assert _store(assoc, source.path) == 0x0000
 
@@ -189,10 +198,8 @@ def test_duplicate_is_acknowledged_and_first_copy_kept(
     assert runtime.index.counts()["series"] == 1
     assert _files_under(runtime.files.tmp) == []
     assert len(_files_under(runtime.files.root)) == 1
-    assert _counter(running_node, "consentgate_instances_received_total",
-                    outcome="stored") == 1
-    assert _counter(running_node, "consentgate_instances_received_total",
-                    outcome="duplicate") == 2
+    assert _counter(running_node, "consentgate_instances_received_total", outcome="stored") == 1
+    assert _counter(running_node, "consentgate_instances_received_total", outcome="duplicate") == 2
     assert _counter(running_node, "consentgate_bytes_received_total") == rows[0].size
 
 
@@ -219,4 +226,3 @@ def test_store_without_patient_id_and_issuer_gets_peer_issuer(
         without.sop_instance_uid: "CHR-METZ",
         with_issuer.sop_instance_uid: with_issuer.issuer,
     }
-

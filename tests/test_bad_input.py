@@ -153,27 +153,38 @@ def _set_pixel_length(ds: bytes, length: int) -> bytes:
 
 MALFORMED = {
     # name: (corpus transfer syntax, function of the data set bytes)
-    "random-garbage": (ExplicitVRLittleEndian,
-                       lambda ds: random.Random(7).randbytes(4000)),
+    "random-garbage": (ExplicitVRLittleEndian, lambda ds: random.Random(7).randbytes(4000)),
     "all-zeros": (ExplicitVRLittleEndian, lambda ds: b"\x00" * 4000),
     "empty-data-set": (ExplicitVRLittleEndian, lambda ds: b""),
     "cut-in-patient-module": (ExplicitVRLittleEndian, lambda ds: ds[:200]),
-    "cut-after-the-uids": (ExplicitVRLittleEndian,
-                           lambda ds: ds[: ds.index(b"\x28\x00\x10\x00US") + 9]),
+    "cut-after-the-uids": (
+        ExplicitVRLittleEndian,
+        lambda ds: ds[: ds.index(b"\x28\x00\x10\x00US") + 9],
+    ),
     "cut-in-pixel-data": (ExplicitVRLittleEndian, lambda ds: ds[:-1000]),
     "cut-last-byte": (ExplicitVRLittleEndian, lambda ds: ds[:-1]),
-    "pixel-length-beyond-end": (ExplicitVRLittleEndian,
-                                lambda ds: _set_pixel_length(ds, 0x7FFFFFF0)),
-    "value-length-beyond-end": (ExplicitVRLittleEndian,
-                                lambda ds: ds + b"\x09\x00\x10\x00UT\x00\x00\x00\x00\x10\x00"),
-    "sequence-never-closed": (ExplicitVRLittleEndian,
-                              lambda ds: ds + b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff"
-                              b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
-                              b"\x08\x00\x50\x11UI\x02\x001\x00"),
+    "pixel-length-beyond-end": (
+        ExplicitVRLittleEndian,
+        lambda ds: _set_pixel_length(ds, 0x7FFFFFF0),
+    ),
+    "value-length-beyond-end": (
+        ExplicitVRLittleEndian,
+        lambda ds: ds + b"\x09\x00\x10\x00UT\x00\x00\x00\x00\x10\x00",
+    ),
+    "sequence-never-closed": (
+        ExplicitVRLittleEndian,
+        lambda ds: (
+            ds + b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff"
+            b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+            b"\x08\x00\x50\x11UI\x02\x001\x00"
+        ),
+    ),
     "implicit-vr-cut": (ImplicitVRLittleEndian, lambda ds: ds[:-10]),
     "deflated-cut": (DeflatedExplicitVRLittleEndian, lambda ds: ds[: len(ds) // 2]),
-    "deflated-garbage": (DeflatedExplicitVRLittleEndian,
-                         lambda ds: random.Random(3).randbytes(2000)),
+    "deflated-garbage": (
+        DeflatedExplicitVRLittleEndian,
+        lambda ds: random.Random(3).randbytes(2000),
+    ),
     "encapsulated-no-delimiter": (JPEGBaseline8Bit, lambda ds: ds[:-8]),
     "encapsulated-cut-in-fragment": (JPEGBaseline8Bit, lambda ds: ds[:-300]),
 }
@@ -186,8 +197,14 @@ def test_malformed_data_set_is_refused_and_leaves_nothing(
     syntax, mangle = MALFORMED[case]
     source = pick(corpus, syntax)
     bad = tmp_path / f"{case}.dcm"
-    bad.write_bytes(part10(source.sop_class_uid, source.sop_instance_uid, syntax,
-                           mangle(dataset_bytes(source.path))))
+    bad.write_bytes(
+        part10(
+            source.sop_class_uid,
+            source.sop_instance_uid,
+            syntax,
+            mangle(dataset_bytes(source.path)),
+        )
+    )
     status = store_file(running_node, bad, source.sop_class_uid, syntax)
     assert status is not None, "the node must answer with a status, not drop the association"
     assert is_failure(status), f"0x{status:04X}"
@@ -203,14 +220,21 @@ def test_data_set_contradicting_the_command(
     source = pick(corpus, ExplicitVRLittleEndian)
     ds = dataset_bytes(source.path)
     other_instance = tmp_path / "other-instance.dcm"
-    other_instance.write_bytes(part10(source.sop_class_uid, "1.2.3.4.5.6", source.
-                                      transfer_syntax_uid, ds))
+    other_instance.write_bytes(
+        part10(source.sop_class_uid, "1.2.3.4.5.6", source.transfer_syntax_uid, ds)
+    )
     other_class = tmp_path / "other-class.dcm"
-    other_class.write_bytes(part10(MRImageStorage if source.sop_class_uid != MRImageStorage
-                                   else CTImageStorage, source.sop_instance_uid,
-                                   source.transfer_syntax_uid, ds))
-    instance_status = store_file(running_node, other_instance, source.sop_class_uid,
-                                 source.transfer_syntax_uid)
+    other_class.write_bytes(
+        part10(
+            MRImageStorage if source.sop_class_uid != MRImageStorage else CTImageStorage,
+            source.sop_instance_uid,
+            source.transfer_syntax_uid,
+            ds,
+        )
+    )
+    instance_status = store_file(
+        running_node, other_instance, source.sop_class_uid, source.transfer_syntax_uid
+    )
     assert instance_status is not None and is_failure(instance_status)
     wrong_class = MRImageStorage if source.sop_class_uid != MRImageStorage else CTImageStorage
     class_status = store_file(running_node, other_class, wrong_class, source.transfer_syntax_uid)
@@ -286,9 +310,19 @@ def test_hostile_sop_instance_uid_is_refused_and_writes_nothing(
     before = {p for p in tmp_path.rglob("*") if data_dir not in p.parents}
 
     proc = subprocess.run(
-        [sys.executable, "-c", HOSTILE_SENDER, str(running_node.port), NODE_AE, MODALITY_AE,
-         *paths],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-c",
+            HOSTILE_SENDER,
+            str(running_node.port),
+            NODE_AE,
+            MODALITY_AE,
+            *paths,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -377,14 +411,17 @@ def test_p_data_claiming_4gib_inside_an_association_is_dropped(
 def test_idle_connections_do_not_block_others_and_are_closed(
     quick_node: RunningNode, corpus: list[CorpusFile]
 ) -> None:
-    idle = [socket.create_connection((quick_node.host, quick_node.port), timeout=5)
-            for _ in range(5)]
+    idle = [
+        socket.create_connection((quick_node.host, quick_node.port), timeout=5) for _ in range(5)
+    ]
     opened = time.monotonic()
     try:
         source = pick(corpus, ExplicitVRLittleEndian)
         assert echo_ok(quick_node)
-        assert store_file(quick_node, source.path, source.sop_class_uid,
-                          source.transfer_syntax_uid) == 0
+        assert (
+            store_file(quick_node, source.path, source.sop_class_uid, source.transfer_syntax_uid)
+            == 0
+        )
         assert time.monotonic() - opened < 2, "served while the idle connections are open"
         for sock in idle:
             assert read_until_closed(sock, timeout=10) is not None, "idle connection kept"
@@ -440,7 +477,9 @@ def test_half_sent_associate_rq_is_closed_after_timeout(quick_node: RunningNode)
 
 
 def test_no_patient_data_in_info_logs(
-    tmp_path: Path, running_node: RunningNode, corpus: list[CorpusFile],
+    tmp_path: Path,
+    running_node: RunningNode,
+    corpus: list[CorpusFile],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
@@ -455,16 +494,24 @@ def test_no_patient_data_in_info_logs(
     queries = [
         ("-P", "QueryRetrieveLevel=PATIENT", "PatientName", "PatientID", "PatientBirthDate"),
         ("-S", "QueryRetrieveLevel=STUDY", "PatientName", "PatientID", "StudyInstanceUID"),
-        ("-P", "QueryRetrieveLevel=PATIENT", f"PatientName={corpus[0].patient_name}",
-         "PatientID"),
-        ("-P", "QueryRetrieveLevel=PATIENT", "PatientBirthDate=19000101-20301231",
-         "PatientID"),
+        ("-P", "QueryRetrieveLevel=PATIENT", f"PatientName={corpus[0].patient_name}", "PatientID"),
+        ("-P", "QueryRetrieveLevel=PATIENT", "PatientBirthDate=19000101-20301231", "PatientID"),
     ]
     answers = ""
     for model, *keys in queries:
         args = [arg for key in keys for arg in ("-k", key)]
-        found = run_tool("findscu", "-v", model, "-aet", PACS_AE, "-aec", NODE_AE, *args,
-                         running_node.host, running_node.port)
+        found = run_tool(
+            "findscu",
+            "-v",
+            model,
+            "-aet",
+            PACS_AE,
+            "-aec",
+            NODE_AE,
+            *args,
+            running_node.host,
+            running_node.port,
+        )
         assert found.returncode == 0, found.stderr[-2000:]
         answers += found.stdout + found.stderr
     assert corpus[0].patient_id in answers, "the queries returned patient data"
@@ -472,8 +519,12 @@ def test_no_patient_data_in_info_logs(
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert logged, "the node logs at INFO"
     leaks = sorted(
-        {value for f in corpus for value in (f.patient_id, f.patient_name, f.birth_date)
-         if value in logged}
+        {
+            value
+            for f in corpus
+            for value in (f.patient_id, f.patient_name, f.birth_date)
+            if value in logged
+        }
         | {part for f in corpus for part in f.patient_name.split("^") if part in logged}
     )
     assert leaks == [], f"patient data in INFO logs: {leaks}"

@@ -58,8 +58,12 @@ def assert_one_line_error(result: Result, exit_code: int) -> str:
 def node_config(tmp_path: Path, db_url: str, **node: object) -> Path:
     """A configuration for a node with its own data directory."""
     return write_config(
-        tmp_path / "consentgate.toml", tmp_path / "data", db_url,
-        dicom_port=free_port(), http_port=free_port(), **node,
+        tmp_path / "consentgate.toml",
+        tmp_path / "data",
+        db_url,
+        dicom_port=free_port(),
+        http_port=free_port(),
+        **node,
     )
 
 
@@ -68,8 +72,11 @@ def client_config(tmp_path: Path, running: RunningNode) -> Path:
     the running node accepts, with the running node as peer ``gw`` and a closed port as
     peer ``dead``."""
     return write_config(
-        tmp_path / "client.toml", running.settings.node.data_dir,
-        running.settings.node.database_url, dicom_port=free_port(), http_port=free_port(),
+        tmp_path / "client.toml",
+        running.settings.node.data_dir,
+        running.settings.node.database_url,
+        dicom_port=free_port(),
+        http_port=free_port(),
         ae_title=MODALITY_AE,
         peers=[
             {"name": "gw", "ae_title": NODE_AE, "host": "127.0.0.1", "port": running.port},
@@ -155,8 +162,11 @@ def test_status_and_studies_list_show_stored_instances(
 
     status = invoke(config, "status")
     assert status.exit_code == 0, status.output
-    counts = dict(re.findall(r"^(patients|studies|series|instances|bytes): (\d+)$",
-                             status.output, re.MULTILINE))
+    counts = dict(
+        re.findall(
+            r"^(patients|studies|series|instances|bytes): (\d+)$", status.output, re.MULTILINE
+        )
+    )
     assert counts == {
         "patients": "2",
         "studies": "2",
@@ -197,7 +207,10 @@ def test_echo_closed_port_is_one_line_exit_1(tmp_path: Path, running_node: Runni
     config = client_config(tmp_path, running_node)
     proc = subprocess.run(
         [str(CONSENTGATE_BIN), "--config", str(config), "echo", "dead"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 1
     output = (proc.stdout + proc.stderr).strip()
@@ -244,8 +257,10 @@ def test_send_reports_non_dicom_file_and_exits_1(
 # -- configuration and schema problems -----------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [["init"], ["status"], ["serve"], ["echo", "x"],
-                                     ["db", "upgrade"], ["studies", "list"]])
+@pytest.mark.parametrize(
+    "command",
+    [["init"], ["status"], ["serve"], ["echo", "x"], ["db", "upgrade"], ["studies", "list"]],
+)
 def test_bad_config_exit_2_names_the_key(tmp_path: Path, command: list[str]) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("[node]\ndicom_port = 99999\n")
@@ -272,8 +287,9 @@ def test_serve_refuses_busy_dicom_port(tmp_path: Path, db_url: str) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        config = write_config(tmp_path / "c.toml", tmp_path / "data", db_url,
-                              dicom_port=port, http_port=free_port())
+        config = write_config(
+            tmp_path / "c.toml", tmp_path / "data", db_url, dicom_port=port, http_port=free_port()
+        )
         assert invoke(config, "init").exit_code == 0
         output = assert_one_line_error(invoke(config, "serve"), 1)
     assert f"127.0.0.1:{port}" in output
@@ -284,16 +300,37 @@ def test_serve_refuses_busy_dicom_port(tmp_path: Path, db_url: str) -> None:
 
 def serve_setup(tmp_path: Path, db_url: str, **node: object) -> tuple[Path, int, int]:
     dicom_port, http_port = free_port(), free_port()
-    config = write_config(tmp_path / "serve.toml", tmp_path / "data", db_url,
-                          dicom_port=dicom_port, http_port=http_port, **node)
+    config = write_config(
+        tmp_path / "serve.toml",
+        tmp_path / "data",
+        db_url,
+        dicom_port=dicom_port,
+        http_port=http_port,
+        **node,
+    )
     init = invoke(config, "init")
     assert init.exit_code == 0, init.output
     return config, dicom_port, http_port
 
 
 def storescu_args(port: int, *paths: object) -> list[str]:
-    return ["storescu", "-v", "-aet", MODALITY_AE, "-aec", NODE_AE, "-to", "10", "-ta", "10",
-            "-td", "30", "127.0.0.1", str(port), *(str(p) for p in paths)]
+    return [
+        "storescu",
+        "-v",
+        "-aet",
+        MODALITY_AE,
+        "-aec",
+        NODE_AE,
+        "-to",
+        "10",
+        "-ta",
+        "10",
+        "-td",
+        "30",
+        "127.0.0.1",
+        str(port),
+        *(str(p) for p in paths),
+    ]
 
 
 @SQLITE_ONLY
@@ -313,8 +350,13 @@ def test_serve_healthz_metrics_and_sigint(
         running = invoke(config, "status")
         assert "running: yes" in running.output
 
-        store = subprocess.run(storescu_args(dicom_port, *(f.path for f in files)),
-                               capture_output=True, text=True, timeout=60, check=False)
+        store = subprocess.run(
+            storescu_args(dicom_port, *(f.path for f in files)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert store.returncode == 0, store.stdout + store.stderr
         status, metrics = serve.http_get("/metrics")
         assert status == 200
@@ -348,8 +390,12 @@ def test_serve_sigterm_drains_in_flight_association(tmp_path: Path, db_url: str)
         held = ae.associate("127.0.0.1", dicom_port, ae_title=NODE_AE)
         assert held.is_established
         lines: list[str] = []
-        sender = subprocess.Popen(storescu_args(dicom_port, tmp_path / "series", "+sd"),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        sender = subprocess.Popen(
+            storescu_args(dicom_port, tmp_path / "series", "+sd"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         reader = threading.Thread(target=lambda: lines.extend(sender.stdout or []), daemon=True)
         reader.start()
         try:
@@ -399,8 +445,9 @@ def test_serve_sigterm_aborts_a_stuck_association_after_the_grace_period(
 ) -> None:
     """shutdown_grace bounds the drain: an association still open when it expires is
     aborted (and counted in the log), the process exits 0 soon after."""
-    config, dicom_port, http_port = serve_setup(tmp_path, db_url, shutdown_grace=2.0,
-                                                network_timeout=120.0, dimse_timeout=120.0)
+    config, dicom_port, http_port = serve_setup(
+        tmp_path, db_url, shutdown_grace=2.0, network_timeout=120.0, dimse_timeout=120.0
+    )
     with ServeProcess(config, http_port, tmp_path / "serve.log") as serve:
         ae = AE(ae_title=MODALITY_AE)
         ae.add_requested_context(Verification)
@@ -423,8 +470,9 @@ def test_serve_sigterm_aborts_a_stuck_association_after_the_grace_period(
 
 
 def test_console_script_is_installed() -> None:
-    proc = subprocess.run([str(CONSENTGATE_BIN), "--help"], capture_output=True, text=True,
-                          timeout=30, check=False)
+    proc = subprocess.run(
+        [str(CONSENTGATE_BIN), "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
     assert proc.returncode == 0
     for command in ("init", "serve", "status", "echo", "send", "studies", "db"):
         assert command in proc.stdout

@@ -38,9 +38,27 @@ KILL_AFTER_ACKS = 60
 
 def storescu(port: int, directory: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        ["storescu", "-v", "-aet", MODALITY_AE, "-aec", NODE_AE, "-to", "10", "-ta", "10",
-         "-td", "30", "127.0.0.1", str(port), str(directory), "+sd"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            "storescu",
+            "-v",
+            "-aet",
+            MODALITY_AE,
+            "-aec",
+            NODE_AE,
+            "-to",
+            "10",
+            "-ta",
+            "10",
+            "-td",
+            "30",
+            "127.0.0.1",
+            str(port),
+            str(directory),
+            "+sd",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -81,8 +99,9 @@ def test_kill_9_mid_series_loses_no_acknowledged_instance(tmp_path: Path, db_url
     sources = {f.sop_instance_uid: f.path for f in series}
     data_dir = tmp_path / "data"
     dicom_port, http_port = free_port(), free_port()
-    config = write_config(tmp_path / "cg.toml", data_dir, db_url,
-                          dicom_port=dicom_port, http_port=http_port)
+    config = write_config(
+        tmp_path / "cg.toml", data_dir, db_url, dicom_port=dicom_port, http_port=http_port
+    )
     init = CliRunner().invoke(cli, ["--config", str(config), "init"])
     assert init.exit_code == 0, init.output
 

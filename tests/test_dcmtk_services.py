@@ -32,8 +32,20 @@ from tests.corpus import CorpusFile
 
 def _echo(running: RunningNode, calling_ae: str, called_ae: str | None = None) -> tuple[int, str]:
     result = run_tool(
-        "echoscu", "-v", "-to", "10", "-ta", "10", "-td", "10",
-        "-aet", calling_ae, "-aec", called_ae or running.ae_title, running.host, running.port,
+        "echoscu",
+        "-v",
+        "-to",
+        "10",
+        "-ta",
+        "10",
+        "-td",
+        "10",
+        "-aet",
+        calling_ae,
+        "-aec",
+        called_ae or running.ae_title,
+        running.host,
+        running.port,
     )
     return result.returncode, result.stdout + result.stderr
 
@@ -116,10 +128,8 @@ def test_store_refused_for_peer_without_store_service(
     assert result.returncode != 0, result.stdout + result.stderr
     assert running_node.runtime.index.counts()["instances"] == 0
     assert _archived_files(running_node) == []
-    assert _counter(running_node, "consentgate_errors_total", service="store",
-                    status="0x124") >= 1
-    assert _counter(running_node, "consentgate_instances_received_total",
-                    outcome="stored") == 0
+    assert _counter(running_node, "consentgate_errors_total", service="store", status="0x124") >= 1
+    assert _counter(running_node, "consentgate_instances_received_total", outcome="stored") == 0
 
 
 def test_storescu_whole_corpus_is_indexed_and_stored_as_sent(
@@ -188,9 +198,9 @@ def test_storescu_whole_corpus_is_indexed_and_stored_as_sent(
     assert counts["series"] == len({f.series_uid for f in corpus})
     assert counts["studies"] == len({f.study_uid for f in corpus})
     # metrics: one "stored" per instance, bytes as accounted in the index
-    assert _counter(running_node, "consentgate_instances_received_total",
-                    outcome="stored") == len(corpus)
-    assert _counter(running_node, "consentgate_instances_received_total",
-                    outcome="duplicate") == 0
+    assert _counter(running_node, "consentgate_instances_received_total", outcome="stored") == len(
+        corpus
+    )
+    assert _counter(running_node, "consentgate_instances_received_total", outcome="duplicate") == 0
     assert _counter(running_node, "consentgate_bytes_received_total") == counts["bytes"]
     assert _counter(running_node, "consentgate_associations_total", result="accepted") == 1

@@ -158,9 +158,22 @@ def pacs_scp(running_node: RunningNode, tmp_path: Path) -> Iterator[StoreScp]:
     directory = tmp_path / "pacs"
     directory.mkdir()
     process = subprocess.Popen(
-        ["storescp", "-aet", PACS_AE, "+xa", "-ta", "10", "-ts", "20", "-od", str(directory),
-         str(pacs.port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            "storescp",
+            "-aet",
+            PACS_AE,
+            "+xa",
+            "-ta",
+            "10",
+            "-ts",
+            "20",
+            "-od",
+            str(directory),
+            str(pacs.port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         _wait_listening(process, pacs.port)
@@ -219,7 +232,7 @@ def _between(low: str, high: str) -> Callable[[str], bool]:
 
 def _time_between(low: str, high: str) -> Callable[[str], bool]:
     # HHMMSS strings; an upper bound "1600" covers 16:00:59
-    lo, hi = low + "000000"[len(low):], high + "595959"[len(high):]
+    lo, hi = low + "000000"[len(low) :], high + "595959"[len(high) :]
     return lambda v: (not low or v[:6] >= lo) and (not high or v[:6] <= hi)
 
 
@@ -242,49 +255,99 @@ def test_find_study_level_matching(loaded_node: RunningNode, truth: Truth, db_ur
     cases: list[tuple[str, dict[str, Any], Callable[[StudyTruth], bool]]] = [
         ("single value", {"AccessionNumber": acc}, lambda s: s.accession == acc),
         ("wildcard *", {"PatientID": "MTZ*"}, lambda s: fnmatchcase(s.patient_id, "MTZ*")),
-        ("wildcard ?", {"AccessionNumber": "RMS1?B0*"},
-         lambda s: fnmatchcase(s.accession, "RMS1?B0*")),
-        ("wildcard ? only", {"PatientID": martin.patient_id[:-2] + "??"},
-         lambda s: fnmatchcase(s.patient_id, martin.patient_id[:-2] + "??")),
+        (
+            "wildcard ?",
+            {"AccessionNumber": "RMS1?B0*"},
+            lambda s: fnmatchcase(s.accession, "RMS1?B0*"),
+        ),
+        (
+            "wildcard ? only",
+            {"PatientID": martin.patient_id[:-2] + "??"},
+            lambda s: fnmatchcase(s.patient_id, martin.patient_id[:-2] + "??"),
+        ),
         ("universal", {"PatientID": ""}, lambda s: True),
         ("universal *", {"AccessionNumber": "*"}, lambda s: True),
         ("single date", {"StudyDate": some[2].date}, lambda s: s.date == some[2].date),
-        ("date range", {"StudyDate": "20180101-20201231"}, lambda s: _between(
-            "20180101", "20201231")(s.date)),
-        ("date range open start", {"StudyDate": "-20161231"},
-         lambda s: _between("", "20161231")(s.date)),
-        ("date range open end", {"StudyDate": "20200101-"},
-         lambda s: _between("20200101", "")(s.date)),
-        ("time range", {"StudyTime": "080000-100000"},
-         lambda s: _time_between("080000", "100000")(s.time)),
-        ("time range HHMM", {"StudyTime": "1400-1600"},
-         lambda s: _time_between("1400", "1600")(s.time)),
-        ("time range open start", {"StudyTime": "-0800"},
-         lambda s: _time_between("", "0800")(s.time)),
+        (
+            "date range",
+            {"StudyDate": "20180101-20201231"},
+            lambda s: _between("20180101", "20201231")(s.date),
+        ),
+        (
+            "date range open start",
+            {"StudyDate": "-20161231"},
+            lambda s: _between("", "20161231")(s.date),
+        ),
+        (
+            "date range open end",
+            {"StudyDate": "20200101-"},
+            lambda s: _between("20200101", "")(s.date),
+        ),
+        (
+            "time range",
+            {"StudyTime": "080000-100000"},
+            lambda s: _time_between("080000", "100000")(s.time),
+        ),
+        (
+            "time range HHMM",
+            {"StudyTime": "1400-1600"},
+            lambda s: _time_between("1400", "1600")(s.time),
+        ),
+        (
+            "time range open start",
+            {"StudyTime": "-0800"},
+            lambda s: _time_between("", "0800")(s.time),
+        ),
         ("UID list", {"StudyInstanceUID": two_uids}, lambda s: s.uid in two_uids),
         ("modality in study", {"ModalitiesInStudy": "US"}, lambda s: "US" in s.modalities),
-        ("modalities list", {"ModalitiesInStudy": ["CR", "MR"]},
-         lambda s: bool({"CR", "MR"} & s.modalities)),
-        ("PN case-insensitive", {"PatientName": martin.patient_name.lower()},
-         lambda s: s.patient_name == martin.patient_name),
-        ("PN case-insensitive wildcard", {"PatientName": "dup*"},
-         lambda s: s.patient_name.startswith("DUP")),
-        ("PN non-ASCII exact", {"PatientName": lefevre.patient_name},
-         lambda s: s.patient_name == lefevre.patient_name),
-        ("PN non-ASCII wildcard", {"PatientName": "*^ÉLO*"},
-         lambda s: fnmatchcase(s.patient_name, "*^ÉLO*")),
+        (
+            "modalities list",
+            {"ModalitiesInStudy": ["CR", "MR"]},
+            lambda s: bool({"CR", "MR"} & s.modalities),
+        ),
+        (
+            "PN case-insensitive",
+            {"PatientName": martin.patient_name.lower()},
+            lambda s: s.patient_name == martin.patient_name,
+        ),
+        (
+            "PN case-insensitive wildcard",
+            {"PatientName": "dup*"},
+            lambda s: s.patient_name.startswith("DUP"),
+        ),
+        (
+            "PN non-ASCII exact",
+            {"PatientName": lefevre.patient_name},
+            lambda s: s.patient_name == lefevre.patient_name,
+        ),
+        (
+            "PN non-ASCII wildcard",
+            {"PatientName": "*^ÉLO*"},
+            lambda s: fnmatchcase(s.patient_name, "*^ÉLO*"),
+        ),
         ("issuer", {"IssuerOfPatientID": "CHU-REIMS"}, lambda s: s.issuer == "CHU-REIMS"),
-        ("peer issuer for instances without one", {"IssuerOfPatientID": PEER_ISSUER},
-         lambda s: s.issuer == PEER_ISSUER),
+        (
+            "peer issuer for instances without one",
+            {"IssuerOfPatientID": PEER_ISSUER},
+            lambda s: s.issuer == PEER_ISSUER,
+        ),
         ("patient sex", {"PatientSex": "F"}, lambda s: s.sex == "F"),
-        ("combined keys", {"PatientID": "RMS*", "StudyDate": "20180101-"},
-         lambda s: s.patient_id.startswith("RMS") and s.date >= "20180101"),
+        (
+            "combined keys",
+            {"PatientID": "RMS*", "StudyDate": "20180101-"},
+            lambda s: s.patient_id.startswith("RMS") and s.date >= "20180101",
+        ),
         ("no match", {"AccessionNumber": "NOPE*"}, lambda s: False),
     ]
     if db_url.startswith("postgresql"):
         # SQLite's lower() folds ASCII letters only: non-ASCII case folding is PostgreSQL's
-        cases.append(("PN non-ASCII case-insensitive", {"PatientName": "lefèvre^élodie"},
-                      lambda s: s.patient_name == lefevre.patient_name))
+        cases.append(
+            (
+                "PN non-ASCII case-insensitive",
+                {"PatientName": "lefèvre^élodie"},
+                lambda s: s.patient_name == lefevre.patient_name,
+            )
+        )
 
     assoc = _qr_association(loaded_node, STUDY_ROOT)
     failures = []
@@ -298,8 +361,10 @@ def test_find_study_level_matching(loaded_node: RunningNode, truth: Truth, db_ur
             matches, final = _find(assoc, STUDY_ROOT, "STUDY", **{"StudyInstanceUID": "", **keys})
             got = [str(m.StudyInstanceUID) for m in matches]
             if final != 0x0000 or sorted(got) != sorted(expected):
-                failures.append(f"{label} {keys}: status 0x{final:04X}, got {len(got)} "
-                                f"{sorted(got)}, expected {len(expected)} {sorted(expected)}")
+                failures.append(
+                    f"{label} {keys}: status 0x{final:04X}, got {len(got)} "
+                    f"{sorted(got)}, expected {len(expected)} {sorted(expected)}"
+                )
     finally:
         assoc.release()
     assert not failures, "\n".join(failures)
@@ -310,23 +375,39 @@ def test_find_patient_series_image_levels(loaded_node: RunningNode, truth: Truth
     assoc = _qr_association(loaded_node, PATIENT_ROOT, STUDY_ROOT)
     try:
         # PATIENT level (Patient Root): birth date range, one row per patient
-        matches, final = _find(assoc, PATIENT_ROOT, "PATIENT", PatientID="",
-                               PatientBirthDate="19500101-19701231", PatientName="")
+        matches, final = _find(
+            assoc,
+            PATIENT_ROOT,
+            "PATIENT",
+            PatientID="",
+            PatientBirthDate="19500101-19701231",
+            PatientName="",
+        )
         assert final == 0x0000
-        expected = {(f.patient_id, f.patient_name) for f in files
-                    if "19500101" <= f.birth_date <= "19701231"}
-        assert sorted((str(m.PatientID), str(m.PatientName)) for m in matches) == sorted(
-            expected)
+        expected = {
+            (f.patient_id, f.patient_name)
+            for f in files
+            if "19500101" <= f.birth_date <= "19701231"
+        }
+        assert sorted((str(m.PatientID), str(m.PatientName)) for m in matches) == sorted(expected)
 
         # SERIES level (Study Root): one study's series, with instance counts
         study = max(truth.studies.values(), key=lambda s: len(s.series))
         assert len(study.series) > 1
-        matches, final = _find(assoc, STUDY_ROOT, "SERIES", StudyInstanceUID=study.uid,
-                               SeriesInstanceUID="", Modality="",
-                               NumberOfSeriesRelatedInstances="")
+        matches, final = _find(
+            assoc,
+            STUDY_ROOT,
+            "SERIES",
+            StudyInstanceUID=study.uid,
+            SeriesInstanceUID="",
+            Modality="",
+            NumberOfSeriesRelatedInstances="",
+        )
         assert final == 0x0000
-        got = {str(m.SeriesInstanceUID): (str(m.Modality), int(m.NumberOfSeriesRelatedInstances))
-               for m in matches}
+        got = {
+            str(m.SeriesInstanceUID): (str(m.Modality), int(m.NumberOfSeriesRelatedInstances))
+            for m in matches
+        }
         assert got == {
             uid: (truth.series_of(uid)[0].modality, len(truth.series_of(uid)))
             for uid in study.series
@@ -335,20 +416,30 @@ def test_find_patient_series_image_levels(loaded_node: RunningNode, truth: Truth
         matches, final = _find(assoc, STUDY_ROOT, "SERIES", SeriesInstanceUID="", Modality="CT")
         assert final == 0x0000
         assert sorted(str(m.SeriesInstanceUID) for m in matches) == sorted(
-            {f.series_uid for f in files if f.modality == "CT"})
+            {f.series_uid for f in files if f.modality == "CT"}
+        )
 
         # IMAGE level: one series' instances, with the number of frames
-        series_uid = max({f.series_uid for f in files},
-                         key=lambda u: sum(f.number_of_frames for f in truth.series_of(u)))
+        series_uid = max(
+            {f.series_uid for f in files},
+            key=lambda u: sum(f.number_of_frames for f in truth.series_of(u)),
+        )
         in_series = truth.series_of(series_uid)
         assert any(f.number_of_frames > 1 for f in in_series)
-        matches, final = _find(assoc, STUDY_ROOT, "IMAGE", StudyInstanceUID=in_series[0].study_uid,
-                               SeriesInstanceUID=series_uid, SOPInstanceUID="",
-                               SOPClassUID="", NumberOfFrames="")
+        matches, final = _find(
+            assoc,
+            STUDY_ROOT,
+            "IMAGE",
+            StudyInstanceUID=in_series[0].study_uid,
+            SeriesInstanceUID=series_uid,
+            SOPInstanceUID="",
+            SOPClassUID="",
+            NumberOfFrames="",
+        )
         assert final == 0x0000
-        assert {str(m.SOPInstanceUID): (str(m.SOPClassUID), int(m.NumberOfFrames))
-                for m in matches} == {
-            f.sop_instance_uid: (f.sop_class_uid, f.number_of_frames) for f in in_series}
+        assert {
+            str(m.SOPInstanceUID): (str(m.SOPClassUID), int(m.NumberOfFrames)) for m in matches
+        } == {f.sop_instance_uid: (f.sop_class_uid, f.number_of_frames) for f in in_series}
         # IMAGE level (Patient Root): UID list across patients
         picked = [files[0].sop_instance_uid, files[-1].sop_instance_uid]
         matches, final = _find(assoc, PATIENT_ROOT, "IMAGE", SOPInstanceUID=picked)
@@ -359,14 +450,28 @@ def test_find_patient_series_image_levels(loaded_node: RunningNode, truth: Truth
 
 
 def test_find_return_keys(loaded_node: RunningNode, truth: Truth) -> None:
-    keys = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-            "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
-            "ReferringPhysicianName", "ModalitiesInStudy", "NumberOfStudyRelatedSeries",
-            "NumberOfStudyRelatedInstances", "InstitutionName")
+    keys = (
+        "PatientName",
+        "PatientID",
+        "IssuerOfPatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDescription",
+        "ReferringPhysicianName",
+        "ModalitiesInStudy",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+        "InstitutionName",
+    )
     assoc = _qr_association(loaded_node, STUDY_ROOT)
     try:
-        matches, final = _find(assoc, STUDY_ROOT, "STUDY", StudyInstanceUID="",
-                               **dict.fromkeys(keys, ""))
+        matches, final = _find(
+            assoc, STUDY_ROOT, "STUDY", StudyInstanceUID="", **dict.fromkeys(keys, "")
+        )
     finally:
         assoc.release()
     assert final == 0x0000
@@ -377,7 +482,10 @@ def test_find_return_keys(loaded_node: RunningNode, truth: Truth) -> None:
         returned = {e.keyword for e in m}
         assert set(keys) | {"StudyInstanceUID", "QueryRetrieveLevel"} <= returned, where
         assert returned <= set(keys) | {
-            "StudyInstanceUID", "QueryRetrieveLevel", "RetrieveAETitle", "SpecificCharacterSet"
+            "StudyInstanceUID",
+            "QueryRetrieveLevel",
+            "RetrieveAETitle",
+            "SpecificCharacterSet",
         }, where
         assert m.QueryRetrieveLevel == "STUDY"
         assert m.RetrieveAETitle == loaded_node.ae_title
@@ -396,8 +504,7 @@ def test_find_return_keys(loaded_node: RunningNode, truth: Truth) -> None:
         assert int(m.NumberOfStudyRelatedSeries) == len(s.series), where
         assert int(m.NumberOfStudyRelatedInstances) == len(s.instances), where
         assert m.InstitutionName == "", where  # not indexed: returned empty
-        non_ascii = any(not str(v).isascii() for v in (s.patient_name, s.description,
-                                                       s.referring))
+        non_ascii = any(not str(v).isascii() for v in (s.patient_name, s.description, s.referring))
         if non_ascii:
             assert m.SpecificCharacterSet == "ISO_IR 192", where
 
@@ -417,9 +524,21 @@ def test_find_invalid_levels_fail(loaded_node: RunningNode, truth: Truth) -> Non
         assoc.release()
     # findscu sees the same failure
     for model, level in (("-P", "FOO"), ("-S", "PATIENT")):
-        result = run_tool("findscu", "-d", "-aet", PACS_AE, "-aec", loaded_node.ae_title, model,
-                          "-k", f"QueryRetrieveLevel={level}", "-k", "PatientID",
-                          loaded_node.host, loaded_node.port)
+        result = run_tool(
+            "findscu",
+            "-d",
+            "-aet",
+            PACS_AE,
+            "-aec",
+            loaded_node.ae_title,
+            model,
+            "-k",
+            f"QueryRetrieveLevel={level}",
+            "-k",
+            "PatientID",
+            loaded_node.host,
+            loaded_node.port,
+        )
         output = result.stdout + result.stderr
         assert "Received Final Find Response" in output
         assert "DIMSE Status                  : 0xa900" in output, output[-2000:]
@@ -434,8 +553,21 @@ def _findscu(running: RunningNode, out: Path, model: str, *keys: str) -> list[Da
     args: list[str] = []
     for key in keys:
         args += ["-k", key]
-    result = run_tool("findscu", "-v", "-X", "-od", out, "-aet", PACS_AE, "-aec",
-                      running.ae_title, model, *args, running.host, running.port)
+    result = run_tool(
+        "findscu",
+        "-v",
+        "-X",
+        "-od",
+        out,
+        "-aet",
+        PACS_AE,
+        "-aec",
+        running.ae_title,
+        model,
+        *args,
+        running.host,
+        running.port,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "Received Final Find Response (Success)" in output, output[-2000:]
@@ -446,49 +578,98 @@ def test_findscu_all_levels(loaded_node: RunningNode, truth: Truth, tmp_path: Pa
     files = truth.files
     # PATIENT level, Patient Root, non-ASCII name sent in UTF-8
     lefevre = next(f for f in files if "ÉLODIE" in f.patient_name)
-    found = _findscu(loaded_node, tmp_path / "p", "-P", "QueryRetrieveLevel=PATIENT",
-                     "SpecificCharacterSet=ISO_IR 192", f"PatientName={lefevre.patient_name}",
-                     "PatientID", "PatientBirthDate")
+    found = _findscu(
+        loaded_node,
+        tmp_path / "p",
+        "-P",
+        "QueryRetrieveLevel=PATIENT",
+        "SpecificCharacterSet=ISO_IR 192",
+        f"PatientName={lefevre.patient_name}",
+        "PatientID",
+        "PatientBirthDate",
+    )
     assert len(found) == 1
     assert found[0].SpecificCharacterSet == "ISO_IR 192"
     assert str(found[0].PatientName) == lefevre.patient_name
-    assert (found[0].PatientID, found[0].PatientBirthDate) == (lefevre.patient_id,
-                                                              lefevre.birth_date)
+    assert (found[0].PatientID, found[0].PatientBirthDate) == (
+        lefevre.patient_id,
+        lefevre.birth_date,
+    )
 
     # STUDY level, Patient Root: one patient's studies with counts
-    patient = max({f.patient_id for f in files},
-                  key=lambda p: len({f.study_uid for f in files if f.patient_id == p}))
-    found = _findscu(loaded_node, tmp_path / "s", "-P", "QueryRetrieveLevel=STUDY",
-                     f"PatientID={patient}", "StudyInstanceUID", "ModalitiesInStudy",
-                     "NumberOfStudyRelatedInstances")
-    expected = {s.uid: (sorted(s.modalities), len(s.instances))
-                for s in truth.studies.values() if s.patient_id == patient}
+    patient = max(
+        {f.patient_id for f in files},
+        key=lambda p: len({f.study_uid for f in files if f.patient_id == p}),
+    )
+    found = _findscu(
+        loaded_node,
+        tmp_path / "s",
+        "-P",
+        "QueryRetrieveLevel=STUDY",
+        f"PatientID={patient}",
+        "StudyInstanceUID",
+        "ModalitiesInStudy",
+        "NumberOfStudyRelatedInstances",
+    )
+    expected = {
+        s.uid: (sorted(s.modalities), len(s.instances))
+        for s in truth.studies.values()
+        if s.patient_id == patient
+    }
     assert len(expected) > 1
-    assert {str(d.StudyInstanceUID): (sorted(_multi(d.ModalitiesInStudy)),
-                                      int(d.NumberOfStudyRelatedInstances))
-            for d in found} == expected
+    assert {
+        str(d.StudyInstanceUID): (
+            sorted(_multi(d.ModalitiesInStudy)),
+            int(d.NumberOfStudyRelatedInstances),
+        )
+        for d in found
+    } == expected
 
     # STUDY level, Study Root: date range
-    found = _findscu(loaded_node, tmp_path / "sr", "-S", "QueryRetrieveLevel=STUDY",
-                     "StudyDate=20180101-20201231", "StudyInstanceUID", "AccessionNumber")
+    found = _findscu(
+        loaded_node,
+        tmp_path / "sr",
+        "-S",
+        "QueryRetrieveLevel=STUDY",
+        "StudyDate=20180101-20201231",
+        "StudyInstanceUID",
+        "AccessionNumber",
+    )
     assert sorted(str(d.AccessionNumber) for d in found) == sorted(
-        s.accession for s in truth.studies.values() if "20180101" <= s.date <= "20201231")
+        s.accession for s in truth.studies.values() if "20180101" <= s.date <= "20201231"
+    )
 
     # SERIES level, Study Root
     study = max(truth.studies.values(), key=lambda s: len(s.series))
-    found = _findscu(loaded_node, tmp_path / "se", "-S", "QueryRetrieveLevel=SERIES",
-                     f"StudyInstanceUID={study.uid}", "SeriesInstanceUID", "Modality",
-                     "NumberOfSeriesRelatedInstances")
-    assert {str(d.SeriesInstanceUID): int(d.NumberOfSeriesRelatedInstances)
-            for d in found} == {uid: len(truth.series_of(uid)) for uid in study.series}
+    found = _findscu(
+        loaded_node,
+        tmp_path / "se",
+        "-S",
+        "QueryRetrieveLevel=SERIES",
+        f"StudyInstanceUID={study.uid}",
+        "SeriesInstanceUID",
+        "Modality",
+        "NumberOfSeriesRelatedInstances",
+    )
+    assert {str(d.SeriesInstanceUID): int(d.NumberOfSeriesRelatedInstances) for d in found} == {
+        uid: len(truth.series_of(uid)) for uid in study.series
+    }
 
     # IMAGE level, Study Root, wildcard-free UID keys
     series_uid = next(iter(study.series))
-    found = _findscu(loaded_node, tmp_path / "i", "-S", "QueryRetrieveLevel=IMAGE",
-                     f"StudyInstanceUID={study.uid}", f"SeriesInstanceUID={series_uid}",
-                     "SOPInstanceUID", "SOPClassUID")
+    found = _findscu(
+        loaded_node,
+        tmp_path / "i",
+        "-S",
+        "QueryRetrieveLevel=IMAGE",
+        f"StudyInstanceUID={study.uid}",
+        f"SeriesInstanceUID={series_uid}",
+        "SOPInstanceUID",
+        "SOPClassUID",
+    )
     assert sorted((str(d.SOPInstanceUID), str(d.SOPClassUID)) for d in found) == sorted(
-        (f.sop_instance_uid, f.sop_class_uid) for f in truth.series_of(series_uid))
+        (f.sop_instance_uid, f.sop_class_uid) for f in truth.series_of(series_uid)
+    )
 
 
 # -- C-MOVE -----------------------------------------------------------------------------------
@@ -498,8 +679,20 @@ def _movescu(running: RunningNode, destination: str, model: str, *keys: str) -> 
     args: list[str] = []
     for key in keys:
         args += ["-k", key]
-    result = run_tool("movescu", "-d", "-aet", PACS_AE, "-aem", destination, "-aec",
-                      running.ae_title, model, *args, running.host, running.port)
+    result = run_tool(
+        "movescu",
+        "-d",
+        "-aet",
+        PACS_AE,
+        "-aem",
+        destination,
+        "-aec",
+        running.ae_title,
+        model,
+        *args,
+        running.host,
+        running.port,
+    )
     return result.returncode, result.stdout + result.stderr
 
 
@@ -508,26 +701,37 @@ def test_move_study_series_image_to_storescp(
 ) -> None:
     files = {f.sop_instance_uid: f for f in truth.files}
     # the study with the most transfer syntaxes, a multi-frame series, two single images
-    study = max(truth.studies.values(),
-                key=lambda s: len({files[i].transfer_syntax_uid for i in s.instances}))
+    study = max(
+        truth.studies.values(),
+        key=lambda s: len({files[i].transfer_syntax_uid for i in s.instances}),
+    )
     series_uid = next(f.series_uid for f in truth.files if f.number_of_frames > 1)
     images = [truth.files[1].sop_instance_uid, truth.files[-2].sop_instance_uid]
     patient = truth.files[0].patient_id
     cases = [
         ("STUDY", "-S", [f"StudyInstanceUID={study.uid}"], set(study.instances)),
-        ("SERIES", "-S", [f"StudyInstanceUID={truth.series_of(series_uid)[0].study_uid}",
-                          f"SeriesInstanceUID={series_uid}"],
-         {f.sop_instance_uid for f in truth.series_of(series_uid)}),
+        (
+            "SERIES",
+            "-S",
+            [
+                f"StudyInstanceUID={truth.series_of(series_uid)[0].study_uid}",
+                f"SeriesInstanceUID={series_uid}",
+            ],
+            {f.sop_instance_uid for f in truth.series_of(series_uid)},
+        ),
         ("IMAGE", "-S", ["SOPInstanceUID=" + "\\".join(images)], set(images)),
-        ("PATIENT", "-P", [f"PatientID={patient}"],
-         {f.sop_instance_uid for f in truth.files if f.patient_id == patient}),
+        (
+            "PATIENT",
+            "-P",
+            [f"PatientID={patient}"],
+            {f.sop_instance_uid for f in truth.files if f.patient_id == patient},
+        ),
         ("STUDY", "-S", ["StudyInstanceUID=2.25.1"], set()),  # nothing matches: success
     ]
     assert len({files[i].transfer_syntax_uid for i in study.instances}) >= 3
     for level, model, keys, expected in cases:
         pacs_scp.clear()
-        code, output = _movescu(loaded_node, PACS_AE, model, f"QueryRetrieveLevel={level}",
-                                *keys)
+        code, output = _movescu(loaded_node, PACS_AE, model, f"QueryRetrieveLevel={level}", *keys)
         assert code == 0, f"{level}: movescu failed\n{output[-3000:]}"
         assert "DIMSE Status                  : 0x0000: Success" in output, level
         received = pacs_scp.received()
@@ -537,8 +741,10 @@ def test_move_study_series_image_to_storescp(
             assert _pixel_data(path) == _pixel_data(source.path), f"{level}: {uid}"
             if source.transfer_syntax_uid not in UNCOMPRESSED:
                 # sent as stored: compressed instances keep their syntax
-                assert dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID \
-                    == source.transfer_syntax_uid, f"{level}: {uid}"
+                assert (
+                    dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+                    == source.transfer_syntax_uid
+                ), f"{level}: {uid}"
     assert loaded_node.runtime.registry.get_sample_value(
         "consentgate_instances_sent_total", {"service": "move"}
     ) == sum(len(c[3]) for c in cases)
@@ -548,8 +754,9 @@ def test_move_to_unknown_destination_fails(
     loaded_node: RunningNode, pacs_scp: StoreScp, truth: Truth
 ) -> None:
     study = next(iter(truth.studies.values()))
-    code, output = _movescu(loaded_node, "NOT-A-PEER", "-S", "QueryRetrieveLevel=STUDY",
-                            f"StudyInstanceUID={study.uid}")
+    code, output = _movescu(
+        loaded_node, "NOT-A-PEER", "-S", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study.uid}"
+    )
     assert code != 0, output[-2000:]
     assert "DIMSE Status                  : 0xa801" in output, output[-2000:]
     assert pacs_scp.received() == {}
@@ -558,23 +765,40 @@ def test_move_to_unknown_destination_fails(
 # -- C-GET ------------------------------------------------------------------------------------
 
 
-def test_getscu_retrieves_a_study(
-    loaded_node: RunningNode, truth: Truth, tmp_path: Path
-) -> None:
+def test_getscu_retrieves_a_study(loaded_node: RunningNode, truth: Truth, tmp_path: Path) -> None:
     # getscu negotiates one syntax per SOP class: a study stored uncompressed
-    study = next(s for s in truth.studies.values()
-                 if all(f.transfer_syntax_uid in UNCOMPRESSED
-                        for f in truth.files if f.sop_instance_uid in s.instances))
+    study = next(
+        s
+        for s in truth.studies.values()
+        if all(
+            f.transfer_syntax_uid in UNCOMPRESSED
+            for f in truth.files
+            if f.sop_instance_uid in s.instances
+        )
+    )
     out = tmp_path / "get"
     out.mkdir()
-    result = run_tool("getscu", "-v", "-aet", PACS_AE, "-aec", loaded_node.ae_title, "-S",
-                      "-od", out, "-k", "QueryRetrieveLevel=STUDY",
-                      "-k", f"StudyInstanceUID={study.uid}", loaded_node.host, loaded_node.port)
+    result = run_tool(
+        "getscu",
+        "-v",
+        "-aet",
+        PACS_AE,
+        "-aec",
+        loaded_node.ae_title,
+        "-S",
+        "-od",
+        out,
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={study.uid}",
+        loaded_node.host,
+        loaded_node.port,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "Received C-GET Response (Success)" in output, output[-3000:]
-    received = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
-                for p in out.iterdir()}
+    received = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in out.iterdir()}
     assert set(received) == set(study.instances)
     sources = {f.sop_instance_uid: f.path for f in truth.files}
     for uid, path in received.items():
@@ -583,8 +807,10 @@ def test_getscu_retrieves_a_study(
 
 def test_get_mixed_syntax_study_with_pynetdicom(loaded_node: RunningNode, truth: Truth) -> None:
     files = {f.sop_instance_uid: f for f in truth.files}
-    study = max(truth.studies.values(),
-                key=lambda s: len({files[i].transfer_syntax_uid for i in s.instances}))
+    study = max(
+        truth.studies.values(),
+        key=lambda s: len({files[i].transfer_syntax_uid for i in s.instances}),
+    )
     in_study = [files[i] for i in study.instances]
     received: dict[str, Dataset] = {}
 
@@ -601,8 +827,13 @@ def test_get_mixed_syntax_study_with_pynetdicom(loaded_node: RunningNode, truth:
     for sop_class, syntax in pairs:
         ae.add_requested_context(sop_class, [syntax])
     roles = [build_role(c, scp_role=True) for c in {c for c, _ in pairs}]
-    assoc = ae.associate(loaded_node.host, loaded_node.port, ae_title=loaded_node.ae_title,
-                         ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assoc = ae.associate(
+        loaded_node.host,
+        loaded_node.port,
+        ae_title=loaded_node.ae_title,
+        ext_neg=roles,
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
     assert assoc.is_established
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"

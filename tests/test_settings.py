@@ -165,13 +165,19 @@ def test_every_node_and_peer_key_is_parsed(tmp_path: Path) -> None:
     assert isinstance(node.acse_timeout, float)
     ct, pacs = settings.peers
     assert (ct.name, ct.ae_title, ct.host, ct.port) == (
-        "ct-room-1", "CT_ROOM_1", "10.0.0.0/24", 104
+        "ct-room-1",
+        "CT_ROOM_1",
+        "10.0.0.0/24",
+        104,
     )
     assert ct.services == frozenset({"echo", "store"})
     assert ct.issuer == "CHR-METZ"
     assert ct.purpose == "care"
     assert (pacs.name, pacs.ae_title, pacs.host, pacs.port) == (
-        "pacs", "REGIONAL PACS", "pacs.example", 11112
+        "pacs",
+        "REGIONAL PACS",
+        "pacs.example",
+        11112,
     )
     assert pacs.services == frozenset({"echo", "find", "move", "get"})
     assert pacs.issuer == ""
@@ -184,7 +190,7 @@ def test_every_node_and_peer_key_is_parsed(tmp_path: Path) -> None:
 
 
 def test_defaults_fill_absent_keys(tmp_path: Path) -> None:
-    settings = load_settings(write(tmp_path, '[node]\ndicom_port = 104\n'))
+    settings = load_settings(write(tmp_path, "[node]\ndicom_port = 104\n"))
     defaults = NodeSettings()
     assert settings.node.dicom_port == 104
     assert settings.node.max_pdu == defaults.max_pdu
@@ -263,9 +269,7 @@ BAD_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("text", "key"), [pytest.param(t, k, id=i) for i, t, k in BAD_CONFIGS]
-)
+@pytest.mark.parametrize(("text", "key"), [pytest.param(t, k, id=i) for i, t, k in BAD_CONFIGS])
 def test_bad_value_names_key_and_file(tmp_path: Path, text: str, key: str) -> None:
     path = write(tmp_path, text)
     message = config_error(path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -114,9 +115,7 @@ def file_meta_bytes(
     sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str
 ) -> bytes:
     """Encode the preamble, ``DICM`` prefix and File Meta Information group."""
-    fast = _fast_file_meta_bytes(
-        sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae
-    )
+    fast = _fast_file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae)
     if fast is not None:
         return fast
     meta = FileMetaDataset()
@@ -134,19 +133,29 @@ def file_meta_bytes(
 
 
 def read_header(meta: bytes, dataset: bytes | bytearray | memoryview) -> InstanceHeader:
-    """Parse the index attributes of an encoded dataset.
+    """Parse the index attributes of an encoded dataset (see :func:`parse_header`)."""
+    return parse_header(meta, dataset)[0]
+
+
+def parse_header(
+    meta: bytes,
+    dataset: bytes | bytearray | memoryview,
+    extra_keywords: Iterable[str] = (),
+) -> tuple[InstanceHeader, Dataset]:
+    """Parse the index attributes, plus ``extra_keywords``, of an encoded dataset.
+
+    ``dataset`` may stop before the Pixel Data element (see :func:`check_complete`).
+    Returns the header and the partial dataset that was read (for routing).
 
     Raises
     ------
     InvalidInstance
         The bytes cannot be parsed, or a required UID is missing or unsafe.
     """
+    tags: list[str] = list(INDEX_KEYWORDS)
+    tags.extend(k for k in extra_keywords if k not in INDEX_KEYWORDS)
     try:
-        ds = dcmread(
-            BytesIO(meta + bytes(dataset)),
-            stop_before_pixels=True,
-            specific_tags=list(INDEX_KEYWORDS),
-        )
+        ds = dcmread(BytesIO(meta + bytes(dataset)), stop_before_pixels=True, specific_tags=tags)
         header = _to_header(ds)
     except InvalidInstance:
         raise
@@ -163,7 +172,7 @@ def read_header(meta: bytes, dataset: bytes | bytearray | memoryview) -> Instanc
         LookupError,
     ) as exc:
         raise InvalidInstance(f"dataset cannot be parsed ({type(exc).__name__})") from None
-    return header
+    return header, ds
 
 
 _DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -175,12 +184,18 @@ _LONG_VRS = frozenset(
 )
 
 
-def check_complete(dataset: bytes | bytearray | memoryview, transfer_syntax_uid: str) -> None:
+def check_complete(dataset: bytes | bytearray | memoryview, transfer_syntax_uid: str) -> int:
     """Refuse a dataset whose last element, item or sequence is cut short.
 
     pydicom reads a truncated value without complaint (and the header is read with
     ``stop_before_pixels``), so a truncated C-STORE would be archived as a broken file.
     Only element headers are walked; values are skipped.
+
+    Returns
+    -------
+    int
+        The offset of the top-level Pixel Data element (the length when there is none):
+        everything the index needs lies before it.
 
     Raises
     ------
@@ -201,16 +216,30 @@ def check_complete(dataset: bytes | bytearray | memoryview, transfer_syntax_uid:
     if not implicit and len(data) >= 6 and not bytes(data[4:6]).isalpha():
         implicit = True  # pydicom reads such datasets as implicit VR too
     end = len(data)
+    pixel_at = [end]
     try:
-        pos = _walk(data, 0, end, little=little, implicit=implicit, in_item=False)
+        pos = _walk(
+            data, 0, end, little=little, implicit=implicit, in_item=False, pixel_at=pixel_at
+        )
     except struct.error:
         pos = -1
     if pos != end:
         raise InvalidInstance("dataset is truncated or malformed")
+    # the header ends where Pixel Data starts (deflated: the offset is in the inflated
+    # stream, so the whole dataset is the header)
+    return len(dataset) if transfer_syntax_uid == _DEFLATED else pixel_at[0]
 
 
-def _walk(data: memoryview, pos: int, end: int, *, little: bool, implicit: bool,
-          in_item: bool) -> int:
+def _walk(
+    data: memoryview,
+    pos: int,
+    end: int,
+    *,
+    little: bool,
+    implicit: bool,
+    in_item: bool,
+    pixel_at: list[int] | None = None,
+) -> int:
     """Skip elements from ``pos``; returns the offset after the last one (or the item
     delimiter when ``in_item``), or -1 when the encoding is cut short."""
     order = "<" if little else ">"
@@ -218,6 +247,8 @@ def _walk(data: memoryview, pos: int, end: int, *, little: bool, implicit: bool,
         if not in_item and end - pos < 8 and not any(data[pos:end]):
             return end  # a few bytes of trailing NUL padding: pydicom ignores them too
         group, elem = struct.unpack_from(order + "HH", data, pos)
+        if pixel_at is not None and group == 0x7FE0 and elem == 0x0010:
+            pixel_at[0] = min(pixel_at[0], pos)
         if group == 0xFFFE:  # item / delimitation items carry no VR
             (length,) = struct.unpack_from(order + "I", data, pos + 4)
             pos += 8
@@ -240,8 +271,13 @@ def _walk(data: memoryview, pos: int, end: int, *, little: bool, implicit: bool,
                 pos += 8
         if length == _UNDEFINED:
             # a sequence, encapsulated pixel data, or UN holding implicit VR LE content
-            pos = _walk_items(data, pos, end, little=little if vr != b"UN" else True,
-                              implicit=implicit or vr == b"UN")
+            pos = _walk_items(
+                data,
+                pos,
+                end,
+                little=little if vr != b"UN" else True,
+                implicit=implicit or vr == b"UN",
+            )
             if pos < 0:
                 return -1
         else:

@@ -13,12 +13,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.archive.header import InstanceHeader
 from dicom_node.archive.models import Instance, Patient, Series, Study
 
+_PARENT_CACHE_SIZE = 4096
+
 
 class ArchiveIndex:
     """The patient/study/series/instance index, bound to one sessionmaker."""
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
+        # series UID -> (study pk, series pk) of series this process has indexed into
+        self._parents: dict[str, tuple[int, int]] = {}
 
     @property
     def sessions(self) -> sessionmaker[Session]:
@@ -50,65 +54,24 @@ class ArchiveIndex:
         relative_path: str,
         calling_ae: str,
         received_at: datetime | None = None,
+        on_inserted: Callable[[Connection, int], None] | None = None,
     ) -> int:
         """Insert the instance and its parents in one committed transaction.
 
-        Returns the new instance's primary key.
+        ``on_inserted(connection, instance_pk)`` runs inside that transaction (the router
+        adds the instance's forward jobs there). Returns the new instance's primary key.
         """
         received = received_at or datetime.now(UTC)
         # Core statements on the session's connection: the ORM's per-statement overhead
         # was most of the cost of storing an instance.
+        known = self._parents.get(header.series_instance_uid)
         with self._sessions.begin() as session:
             conn = session.connection()
-            dialect_insert = _insert_for(conn)
-            patient_pk = _get_or_create(
-                conn,
-                dialect_insert,
-                Patient,
-                {"issuer": issuer, "patient_id": header.patient_id},
-                {
-                    "patient_name": header.patient_name,
-                    "birth_date": header.birth_date,
-                    "sex": header.sex,
-                },
-                ["issuer", "patient_id"],
-            )
-            study_pk = _get_or_create(
-                conn,
-                dialect_insert,
-                Study,
-                {"study_instance_uid": header.study_instance_uid},
-                {
-                    "patient_pk": patient_pk,
-                    "study_date": header.study_date,
-                    "study_time": header.study_time,
-                    "accession_number": header.accession_number,
-                    "study_id": header.study_id,
-                    "study_description": header.study_description,
-                    "referring_physician_name": header.referring_physician_name,
-                    "modalities": "",
-                    "number_of_series": 0,
-                    "number_of_instances": 0,
-                },
-                ["study_instance_uid"],
-            )
-            series_pk, series_new = _get_or_create_flag(
-                conn,
-                dialect_insert,
-                Series,
-                {"series_instance_uid": header.series_instance_uid},
-                {
-                    "study_pk": study_pk,
-                    "modality": header.modality,
-                    "series_number": header.series_number,
-                    "series_description": header.series_description,
-                    "body_part_examined": header.body_part_examined,
-                    "series_date": header.series_date,
-                    "series_time": header.series_time,
-                    "number_of_instances": 0,
-                },
-                ["series_instance_uid"],
-            )
+            if known is None:
+                parents = self._create_parents(conn, header, issuer)
+            else:
+                parents = (known[0], known[1], False)
+            study_pk, series_pk, series_new = parents
             instance_id: int = conn.execute(
                 insert(Instance)
                 .values(
@@ -136,7 +99,69 @@ class ArchiveIndex:
             conn.execute(update(Study).where(Study.id == study_pk).values(**study_values))
             if series_new and header.modality:
                 _add_modality(conn, study_pk, header.modality)
-            return instance_id
+            if on_inserted is not None:
+                on_inserted(conn, instance_id)
+        # remembered only once committed; index rows are never deleted, so a remembered
+        # key stays valid (a retention feature that deletes rows must clear this)
+        if len(self._parents) >= _PARENT_CACHE_SIZE:
+            self._parents.clear()
+        self._parents[header.series_instance_uid] = (study_pk, series_pk)
+        return instance_id
+
+    def _create_parents(
+        self, conn: Connection, header: InstanceHeader, issuer: str
+    ) -> tuple[int, int, bool]:
+        """Find or create the patient, study and series rows of an instance."""
+        dialect_insert = _insert_for(conn)
+        patient_pk = _get_or_create(
+            conn,
+            dialect_insert,
+            Patient,
+            {"issuer": issuer, "patient_id": header.patient_id},
+            {
+                "patient_name": header.patient_name,
+                "birth_date": header.birth_date,
+                "sex": header.sex,
+            },
+            ["issuer", "patient_id"],
+        )
+        study_pk = _get_or_create(
+            conn,
+            dialect_insert,
+            Study,
+            {"study_instance_uid": header.study_instance_uid},
+            {
+                "patient_pk": patient_pk,
+                "study_date": header.study_date,
+                "study_time": header.study_time,
+                "accession_number": header.accession_number,
+                "study_id": header.study_id,
+                "study_description": header.study_description,
+                "referring_physician_name": header.referring_physician_name,
+                "modalities": "",
+                "number_of_series": 0,
+                "number_of_instances": 0,
+            },
+            ["study_instance_uid"],
+        )
+        series_pk, series_new = _get_or_create_flag(
+            conn,
+            dialect_insert,
+            Series,
+            {"series_instance_uid": header.series_instance_uid},
+            {
+                "study_pk": study_pk,
+                "modality": header.modality,
+                "series_number": header.series_number,
+                "series_description": header.series_description,
+                "body_part_examined": header.body_part_examined,
+                "series_date": header.series_date,
+                "series_time": header.series_time,
+                "number_of_instances": 0,
+            },
+            ["series_instance_uid"],
+        )
+        return study_pk, series_pk, series_new
 
     def counts(self) -> dict[str, int]:
         """Number of patients, studies, series and instances, and total bytes."""

@@ -15,7 +15,10 @@ import logging
 import threading
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
+from pydicom.dataset import Dataset
+from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.archive.files import InstanceFiles
@@ -23,7 +26,7 @@ from dicom_node.archive.header import (
     InstanceHeader,
     check_complete,
     file_meta_bytes,
-    read_header,
+    parse_header,
 )
 from dicom_node.archive.index import ArchiveIndex
 from dicom_node.errors import InvalidInstance, StorageFailure
@@ -59,16 +62,44 @@ class _StripedLocks:
         return self._locks[int.from_bytes(digest, "big") % len(self._locks)]
 
 
+class StoreHook(Protocol):
+    """Work that must commit together with a new instance's index row (the router's
+    forward jobs). Implemented by :class:`router.hook.RoutingHook`."""
+
+    def keywords(self) -> frozenset[str]:
+        """Attributes to read from each dataset besides the index's own."""
+        ...
+
+    def prepare(
+        self, dataset: Dataset, header: InstanceHeader, calling_ae: str, default_issuer: str
+    ) -> object | None:
+        """Decide before the transaction; ``None`` when there is nothing to persist."""
+        ...
+
+    def persist(self, connection: Connection, instance_pk: int, prepared: object) -> None:
+        """Write inside the index transaction."""
+        ...
+
+    def committed(self, prepared: object) -> None:
+        """Called once the transaction has committed."""
+        ...
+
+
 class Archive:
     """Stores received instances and indexes them.
 
     Duplicate policy ``keep``: when a SOP Instance UID is already archived, the first
-    stored copy stays authoritative; the new copy is acknowledged (success) and discarded.
+    stored copy stays authoritative; the new copy is acknowledged (success) and discarded
+    (and creates no forward job).
     """
 
-    def __init__(self, files: InstanceFiles, index: ArchiveIndex) -> None:
+    def __init__(
+        self, files: InstanceFiles, index: ArchiveIndex, hook: StoreHook | None = None
+    ) -> None:
         self.files = files
         self.index = index
+        self.hook = hook
+        self._keywords = hook.keywords() if hook is not None else frozenset()
         self._locks = _StripedLocks()
 
     def store(
@@ -97,8 +128,8 @@ class Archive:
         meta = file_meta_bytes(
             command_sop_class_uid, command_sop_instance_uid, transfer_syntax_uid, calling_ae
         )
-        check_complete(dataset, transfer_syntax_uid)
-        header = read_header(meta, dataset)
+        header_end = check_complete(dataset, transfer_syntax_uid)
+        header, parsed = parse_header(meta, memoryview(dataset)[:header_end], self._keywords)
         if header.sop_instance_uid != command_sop_instance_uid:
             raise InvalidInstance(
                 "dataset SOP Instance UID differs from the command's", status=0xC211
@@ -108,9 +139,10 @@ class Archive:
         if not header.patient_id:
             LOG.info("instance received without Patient ID from %s", calling_ae)
 
-        if self._already_stored(header.sop_instance_uid):
-            return StoreResult(StoreOutcome.DUPLICATE, header, len(dataset))
-
+        hook = self.hook
+        prepared = (
+            hook.prepare(parsed, header, calling_ae, default_issuer) if hook is not None else None
+        )
         try:
             staged, size = self.files.stage((meta, dataset))
         except OSError as exc:
@@ -126,6 +158,12 @@ class Archive:
             except OSError as exc:
                 self.files.discard(staged)
                 raise StorageFailure(f"cannot place file ({exc.strerror})") from None
+            on_inserted = None
+            if hook is not None and prepared is not None:
+
+                def on_inserted(connection: Connection, instance_pk: int) -> None:
+                    hook.persist(connection, instance_pk, prepared)
+
             try:
                 self.index.add_instance(
                     header,
@@ -134,11 +172,14 @@ class Archive:
                     size=size,
                     relative_path=relative,
                     calling_ae=calling_ae,
+                    on_inserted=on_inserted,
                 )
             except SQLAlchemyError as exc:
                 self.files.remove(relative)
                 LOG.error("index write failed: %s", type(exc).__name__)
                 raise StorageFailure("cannot write the index") from None
+        if hook is not None and prepared is not None:
+            hook.committed(prepared)
         return StoreResult(StoreOutcome.STORED, header, size)
 
     def _already_stored(self, sop_instance_uid: str) -> bool:
