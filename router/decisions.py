@@ -10,7 +10,6 @@ from consent.decision import Decision, Outcome
 Decide = Callable[[int | None, str], Decision]
 
 
-
 def failed(decision: Decision) -> bool:
     """Whether a DENY came from an error while deciding rather than from the patient.
 
