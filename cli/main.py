@@ -22,7 +22,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from cli import database
 from cli.consent_commands import register_consent_commands
 from cli.router_commands import register_router_commands
-from cli.runtime import Runtime, SchemaOutOfDate, build_runtime, check_schema
+from cli.runtime import (
+    Runtime,
+    SchemaOutOfDate,
+    build_runtime,
+    check_schema,
+    configure_pynetdicom,
+)
 from config.settings import ConfigError, PeerSettings, Settings, load_settings
 
 LOG = logging.getLogger("consentgate")
@@ -111,6 +117,7 @@ def _setup_logging(level: str) -> None:
 def cli(ctx: click.Context, config_path: str | None, log_level: str) -> None:
     """consentgate: consent-enforcing DICOM gateway."""
     _setup_logging(log_level)
+    configure_pynetdicom()
     ctx.obj = AppContext(config_path)
 
 
