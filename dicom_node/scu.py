@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterable
+from copy import deepcopy
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import build_context, evt
+from pynetdicom._globals import MODE_REQUESTOR
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.transport import AddressInformation, AssociationSocket
 
 from config.settings import NodeSettings, PeerSettings
 from dicom_node.contexts import VERIFICATION
+from dicom_node.reactor import GatewayAssociation
 from dicom_node.server import make_ae
 from dicom_node.transport import tune_socket
 
 LOG = logging.getLogger(__name__)
 _MAX_CONTEXTS = 128
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 _UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 
 
@@ -39,6 +47,20 @@ class SendReport:
     bytes_sent: int = 0
 
 
+class _RequestorSocket(AssociationSocket):
+    """Acknowledges every read at once (TCP_QUICKACK): a destination that leaves Nagle's
+    algorithm on (Debian's DCMTK and Orthanc do) writes a response in two segments and
+    would otherwise wait for our delayed ACK, about 40 ms per instance."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        data = super().recv(nr_bytes)
+        sock = self.socket
+        if sock is not None and _QUICKACK is not None:
+            with contextlib.suppress(OSError):  # closed meanwhile
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        return data
+
+
 def _nodelay(event: Event) -> None:
     sock = getattr(event.assoc.dul.socket, "socket", None)
     if sock is not None:
@@ -48,20 +70,40 @@ def _nodelay(event: Event) -> None:
 def connect(
     node: NodeSettings, peer: PeerSettings, contexts: list[PresentationContext]
 ) -> Association:
-    """Open an association to ``peer`` with TCP_NODELAY set; raises :class:`ScuError`."""
+    """Open an association to ``peer`` with TCP_NODELAY set; raises :class:`ScuError`.
+
+    The association is a :class:`~dicom_node.reactor.GatewayAssociation`: its reactor
+    cannot take a C-STORE response off the queue while ``send_c_store`` waits for it
+    (pynetdicom's race, which otherwise stalls a sender for the DIMSE timeout and makes
+    it send the instance again).
+    """
+    if not contexts or len(contexts) > _MAX_CONTEXTS:
+        raise ScuError(f"an association needs 1 to {_MAX_CONTEXTS} presentation contexts")
     ae = make_ae(node)
-    ae.requested_contexts = contexts
-    assoc = ae.associate(
-        peer.host,
-        peer.port,
-        ae_title=peer.ae_title,
-        max_pdu=node.max_pdu,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
-    )
+    assoc = GatewayAssociation(ae, MODE_REQUESTOR)
+    assoc.name = f"RequestorThread@{datetime.now():%Y%m%d%H%M%S}"
+    sock = _RequestorSocket(assoc, address=AddressInformation.from_tuple(("", 0)))
+    sock.tls_args = None
+    assoc.set_socket(sock)
+    assoc.acceptor.ae_title = peer.ae_title
+    assoc.acceptor.address_info = AddressInformation.from_tuple((peer.host, peer.port))
+    requestor = assoc.requestor
+    requestor.address_info = AddressInformation.from_tuple(("", 0))
+    requestor.ae_title = ae.ae_title
+    requestor.maximum_length = node.max_pdu
+    requestor.implementation_class_uid = ae.implementation_class_uid
+    requestor.implementation_version_name = ae.implementation_version_name
+    proposed = deepcopy(contexts)
+    for number, context in enumerate(proposed):
+        context.context_id = 2 * number + 1
+    requestor.requested_contexts = proposed
+    assoc.bind(evt.EVT_CONN_OPEN, _nodelay)
+    assoc.request()
     if not assoc.is_established:
         if assoc.is_rejected:
             raise ScuError(f"peer {peer.name} rejected the association")
         raise ScuError(f"cannot associate with peer {peer.name} at {peer.host}:{peer.port}")
+    assoc.start()
     return assoc
 
 
