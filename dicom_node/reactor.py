@@ -30,15 +30,22 @@ import logging
 import queue
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
+from io import BytesIO
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from pynetdicom import evt
+from pynetdicom import _config as pynetdicom_config
+from pynetdicom import _handlers, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
 if TYPE_CHECKING:
     from pynetdicom.ae import ApplicationEntity
@@ -55,6 +62,93 @@ DUL_MAX_WAIT = 0.05
 ASSOC_MAX_WAIT = 0.1
 
 _POLL_IN = getattr(select, "POLLIN", 1) | getattr(select, "POLLPRI", 2)
+
+_PYNETDICOM_LOG = logging.getLogger("pynetdicom")
+#: Notification events the C-STORE fast path does not emit; with a handler of its own
+#: (other than pynetdicom's standard debug loggers) bound to one, the fast path is off.
+_SKIPPED_NOTIFICATIONS = (
+    evt.EVT_DATA_RECV,
+    evt.EVT_PDU_RECV,
+    evt.EVT_DIMSE_RECV,
+    evt.EVT_DIMSE_SENT,
+    evt.EVT_PDU_SENT,
+)
+_STANDARD_LOGGERS = frozenset(
+    {
+        _handlers.standard_dimse_recv_handler,
+        _handlers.standard_dimse_sent_handler,
+        _handlers.standard_pdu_recv_handler,
+        _handlers.standard_pdu_sent_handler,
+    }
+)
+#: Command elements a C-STORE-RQ may carry (anything else goes to pynetdicom).
+_STORE_RQ_ELEMENTS = frozenset(
+    {0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000, 0x1030, 0x1031}
+)
+_PDU_TYPES = frozenset(range(1, 8))
+
+
+def _decode_command(data: bytes) -> dict[int, bytes] | None:
+    """The elements of an implicit VR little endian command set, or ``None``."""
+    elements: dict[int, bytes] = {}
+    pos, end = 0, len(data)
+    while pos < end:
+        if end - pos < 8:
+            return None
+        group, element, length = struct.unpack_from("<HHI", data, pos)
+        pos += 8
+        if group != 0 or length > end - pos:
+            return None
+        elements[element] = data[pos : pos + length]
+        pos += length
+    return elements
+
+
+def _us(value: bytes) -> int | None:
+    return struct.unpack("<H", value)[0] if len(value) == 2 else None
+
+
+def _text(value: bytes) -> str:
+    return value.decode("latin-1").rstrip("\x00 ").lstrip(" ")
+
+
+def _ui_element(element: int, value: str) -> bytes:
+    raw = value.encode("ascii")
+    if len(raw) % 2:
+        raw += b"\x00"
+    return struct.pack("<HHI", 0, element, len(raw)) + raw
+
+
+def store_response_pdu(context_id: int, request: C_STORE, status: int) -> bytes:
+    """A P-DATA-TF PDU carrying the C-STORE-RSP command set for ``request``.
+
+    The same encoding as pynetdicom's (implicit VR little endian, elements in order,
+    UIDs padded with NUL), built directly.
+    """
+    body = b"".join(
+        (
+            _ui_element(0x0002, str(request.AffectedSOPClassUID)),
+            struct.pack("<HHIH", 0, 0x0100, 2, 0x8001),
+            struct.pack("<HHIH", 0, 0x0120, 2, request.MessageID),
+            struct.pack("<HHIH", 0, 0x0800, 2, 0x0101),
+            struct.pack("<HHIH", 0, 0x0900, 2, status),
+            _ui_element(0x1000, str(request.AffectedSOPInstanceUID)),
+        )
+    )
+    command = struct.pack("<HHII", 0, 0, 4, len(body)) + body
+    return struct.pack(">BBIIBB", 4, 0, len(command) + 6, len(command) + 2, context_id, 3) + command
+
+
+class _PendingStore:
+    """A C-STORE request taken on the fast path, waiting for its data set fragments."""
+
+    __slots__ = ("context", "context_id", "fragments", "request")
+
+    def __init__(self, context_id: int, context: Any, request: C_STORE) -> None:
+        self.context_id = context_id
+        self.context = context
+        self.request = request
+        self.fragments: list[memoryview] = []
 
 
 class NotifyingQueue(queue.Queue[_T]):
@@ -92,6 +186,10 @@ class GatewayDUL(DULServiceProvider):
         self.to_user_queue = NotifyingQueue(on_user_activity)
         self._poller: Any = select.poll() if hasattr(select, "poll") else None
         self._polled_fd = -1
+        # C-STORE fast path: command fragments of the message being read, and the
+        # request whose data set is being read
+        self._command: list[tuple[int, int, memoryview]] = []
+        self._pending: _PendingStore | None = None
 
     # -- waking ----------------------------------------------------------------------
 
@@ -209,6 +307,230 @@ class GatewayDUL(DULServiceProvider):
             self._polled_fd = fd
         poller.poll(int(timeout * 1000) + (timeout > 0))
 
+    # -- C-STORE fast path --------------------------------------------------------------
+
+    def _read_pdu_data(self) -> None:
+        """pynetdicom's PDU read, with P-DATA-TF PDUs offered to the C-STORE fast path.
+
+        The fast path decodes C-STORE requests itself, calls the ``EVT_C_STORE``
+        handler on this thread and sends the response directly: no pydicom decode of
+        the command, no hand-off to the association thread and back, no BytesIO
+        assembly of the data set. Anything else (other messages, an association that
+        is busy, unusual commands) goes to pynetdicom exactly as received.
+        """
+        sock = cast("AssociationSocket", self.socket)
+        try:
+            header = sock.recv(6)
+            if len(header) != 6:
+                self.event_queue.put("Evt17")
+                return
+            pdu_type, _, pdu_length = struct.unpack(">BBL", header)
+            if pdu_type not in _PDU_TYPES:
+                LOG.error("Unknown PDU type received '0x%02X'", pdu_type)
+                self.event_queue.put("Evt19")
+                return
+            body = sock.recv(pdu_length)
+        except (OSError, TimeoutError) as exc:
+            LOG.error("Connection closed before the entire PDU was received (%s)", exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != pdu_length:
+            LOG.error(
+                "The received PDU is shorter than expected (%d of %d bytes received)",
+                len(body) + 6,
+                pdu_length + 6,
+            )
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type == 0x04 and self._fast_p_data(body):
+            return
+        header.extend(body)
+        try:
+            pdu, event = self._decode_pdu(header)
+            self.event_queue.put(event)
+        except Exception as exc:
+            LOG.error("Unable to decode the received PDU data")
+            LOG.exception(exc)
+            self.event_queue.put("Evt19")
+            return
+        self._recv_pdu.put(pdu)
+
+    def _fast_path_open(self) -> bool:
+        """Whether a new message may be taken on the fast path."""
+        assoc = self.assoc
+        if (
+            self.state_machine.current_state != "Sta6"
+            or not assoc.is_acceptor
+            or not assoc.is_established
+            or assoc._sent_release
+            or assoc.dimse.message is not None
+            or not self._recv_pdu.empty()
+            or not self.event_queue.empty()
+            # queue first, then the flag: see GatewayAssociation._run_reactor
+            or not assoc.dimse.msg_queue.empty()
+            or getattr(assoc, "serving", True)
+            or _PYNETDICOM_LOG.isEnabledFor(logging.DEBUG)
+        ):
+            return False
+        for event in _SKIPPED_NOTIFICATIONS:
+            bound = cast("list[tuple[Callable[..., Any], Any]]", assoc.get_handlers(event))
+            for handler, _args in bound:
+                if handler not in _STANDARD_LOGGERS:
+                    return False
+        return True
+
+    def _fast_p_data(self, body: bytearray) -> bool:
+        """Handle a P-DATA-TF PDU on the fast path; ``False`` leaves it to pynetdicom."""
+        if self._pending is None and not self._command and not self._fast_path_open():
+            return False
+        view = memoryview(body)
+        values: list[tuple[int, int, memoryview]] = []
+        pos, end = 0, len(view)
+        while pos < end:
+            if end - pos < 6:
+                return self._give_up(None)
+            (length,) = struct.unpack_from(">I", view, pos)
+            if length < 2 or length > end - pos - 4:
+                return self._give_up(None)
+            values.append((view[pos + 4], view[pos + 5], view[pos + 6 : pos + 4 + length]))
+            pos += 4 + length
+        for index, (context_id, control, data) in enumerate(values):
+            pending = self._pending
+            if pending is not None:
+                if control & 1 or context_id != pending.context_id:
+                    LOG.error("C-STORE data set interrupted by another message: aborting")
+                    self._pending = None
+                    self.event_queue.put("Evt19")
+                    return True
+                pending.fragments.append(data)
+                if control & 2:
+                    self._pending = None
+                    self._complete_store(pending)
+                continue
+            if not control & 1:
+                # a data set without a command (pynetdicom decides what that means)
+                self._forward(values[index:])
+                return True
+            self._command.append((context_id, control, data))
+            if control & 2 and not self._start_store():
+                self._forward(values[index + 1 :])
+                return True
+        return True
+
+    def _give_up(self, _reason: None) -> bool:
+        """A malformed PDU: let pynetdicom decode it (it aborts), unless mid-message."""
+        if self._pending is None and not self._command:
+            return False
+        self._pending = None
+        self._command = []
+        self.event_queue.put("Evt19")
+        return True
+
+    def _forward(self, values: list[tuple[int, int, memoryview]]) -> None:
+        """Hand fragments to pynetdicom's DIMSE provider as its DT-2 action would."""
+        if not values:
+            return
+        primitive = P_DATA()
+        primitive.presentation_data_value_list = []  # filled as pynetdicom's to_primitive()
+        primitive.presentation_data_value_list.extend(
+            (context_id, bytes((control,)) + bytes(data)) for context_id, control, data in values
+        )
+        self.assoc.dimse.receive_primitive(primitive)
+
+    def _start_store(self) -> bool:
+        """The command set is complete: take a C-STORE-RQ, or give the message back."""
+        fragments, self._command = self._command, []
+        context_id = fragments[-1][0]
+        command = b"".join(bytes(data) for _cx, _control, data in fragments)
+        request = self._store_request(context_id, command)
+        if request is None:
+            self._forward(fragments)
+            return False
+        context = self.assoc._accepted_cx[context_id]
+        self._pending = _PendingStore(context_id, context, request)
+        return True
+
+    def _store_request(self, context_id: int, command: bytes) -> C_STORE | None:
+        """The C-STORE-RQ primitive of a command set the fast path can serve."""
+        elements = _decode_command(command)
+        if (
+            elements is None
+            or not elements.keys() <= _STORE_RQ_ELEMENTS
+            or _us(elements.get(0x0100, b"")) != 0x0001
+            or _us(elements.get(0x0800, b"")) in (None, 0x0101)
+            or 0x0002 not in elements
+            or 0x1000 not in elements
+            or context_id not in self.assoc._accepted_cx
+        ):
+            return None
+        message_id = _us(elements.get(0x0110, b""))
+        priority = _us(elements.get(0x0700, b""))
+        if message_id is None or priority is None:
+            return None
+        sop_class = _text(elements[0x0002])
+        acceptor = self.assoc.acceptor
+        if sop_class in acceptor.accepted_common_extended or (
+            not pynetdicom_config.UNRESTRICTED_STORAGE_SERVICE
+            and uid_to_service_class(sop_class) is not StorageServiceClass
+        ):
+            return None
+        request = C_STORE()
+        try:
+            request.MessageID = message_id
+            request.AffectedSOPClassUID = sop_class
+            request.AffectedSOPInstanceUID = _text(elements[0x1000])
+            request.Priority = priority
+            if 0x1030 in elements:
+                request.MoveOriginatorApplicationEntityTitle = _text(elements[0x1030])
+            if 0x1031 in elements:
+                request.MoveOriginatorMessageID = _us(elements[0x1031])
+        except Exception:
+            return None  # pynetdicom decides (it refuses such commands)
+        return request
+
+    def _complete_store(self, pending: _PendingStore) -> None:
+        """Call the C-STORE handler and answer, as pynetdicom's storage SCP would."""
+        assoc = self.assoc
+        request = pending.request
+        fragments = pending.fragments
+        data = bytes(fragments[0]) if len(fragments) == 1 else b"".join(fragments)
+        fragments.clear()
+        request.DataSet = BytesIO(data)  # shares ``data``: getvalue() returns it
+        if assoc._sent_release:
+            LOG.warning("C-STORE message received during association release, ignoring")
+            return
+        setattr(assoc, "abort", assoc._abort_nonblocking)  # noqa: B010 - as pynetdicom
+        try:
+            status = evt.trigger(
+                assoc,
+                evt.EVT_C_STORE,
+                {"request": request, "context": pending.context.as_tuple},
+            )
+        except Exception as exc:
+            LOG.error("Exception in handler bound to 'evt.EVT_C_STORE'")
+            LOG.exception(exc)
+            status = 0xC211
+        finally:
+            setattr(assoc, "abort", assoc._abort_blocking)  # noqa: B010
+        request.DataSet = None
+        del data
+        if not assoc.is_established:
+            return
+        if isinstance(status, int) and not isinstance(status, bool) and 0 <= status <= 0xFFFF:
+            pdu = store_response_pdu(pending.context_id, request, status)
+            peer_max = assoc.requestor.maximum_length or 0
+            if not peer_max or len(pdu) - 6 <= peer_max:
+                cast("AssociationSocket", self.socket).send(pdu)
+                return
+        # a status data set, an odd value or a tiny peer PDU: pynetdicom's way
+        response = C_STORE()
+        response.MessageID = request.MessageID
+        response.MessageIDBeingRespondedTo = request.MessageID
+        response.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
+        response.AffectedSOPClassUID = request.AffectedSOPClassUID
+        response = StorageServiceClass(assoc).validate_status(cast(Any, status), response)
+        assoc.dimse.send_msg(response, pending.context_id)
+
 
 class GatewayAssociation(Association):
     """An association whose reactor waits for work instead of polling every 1 ms."""
@@ -217,6 +539,8 @@ class GatewayAssociation(Association):
         super().__init__(ae, mode)
         self._activity = threading.Event()
         self._activity.set()
+        #: True while the reactor may be serving a request (read by the DUL's fast path)
+        self.serving = False
         self.dul = GatewayDUL(self, self._activity.set)
         self.dimse.msg_queue = NotifyingQueue(self._activity.set)
         # the timeouts live on the DUL's timers: apply them to the new DUL
@@ -249,10 +573,13 @@ class GatewayAssociation(Association):
                 activity.set()
                 continue
 
+            # flag before taking: the DUL's fast path checks the queue, then the flag
+            self.serving = True
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
                 activity.set()  # more messages may be queued: look again at once
                 self._serve_request(msg, cast(int, context_id))
+            self.serving = False
 
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)

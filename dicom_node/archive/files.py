@@ -1,15 +1,21 @@
 """Durable instance files: write to a temporary file, fsync, rename, fsync the directory.
 
 Paths are derived from the SHA-256 of the SOP Instance UID, never from the raw string, so
-a hostile UID cannot escape the archive directory.
+a hostile UID cannot escape the archive directory. The layout is ``<ab>/<sha256>.dcm``
+with the 256 ``<ab>`` directories created before the first file is placed: placing a
+file then costs one directory fsync (a deeper tree created directories, and fsynced their
+parents, for most instances of a fresh archive). The index stores each file's relative
+path, so files placed under another layout stay readable.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
-import tempfile
-from collections.abc import Iterable
+import secrets
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +34,8 @@ class InstanceFiles:
     def __init__(self, data_dir: Path) -> None:
         self.root = data_dir / "archive"
         self.tmp = data_dir / "tmp"
+        self._layout_ready = False
+        self._layout_lock = threading.Lock()
 
     def prepare(self) -> int:
         """Create the directories and delete staging files a crash left behind.
@@ -44,9 +52,9 @@ class InstanceFiles:
 
     @staticmethod
     def relative_path_for(sop_instance_uid: str) -> str:
-        """The archive-relative path of an instance: ``ab/cd/<sha256>.dcm``."""
+        """The archive-relative path of an instance: ``ab/<sha256>.dcm``."""
         digest = hashlib.sha256(sop_instance_uid.encode("ascii", "replace")).hexdigest()
-        return f"{digest[:2]}/{digest[2:4]}/{digest}.dcm"
+        return f"{digest[:2]}/{digest}.dcm"
 
     def absolute(self, relative_path: str) -> Path:
         """The absolute path of an archive-relative path (which must stay inside the root)."""
@@ -55,30 +63,51 @@ class InstanceFiles:
             raise ValueError("path escapes the archive root")
         return path
 
-    def stage(self, chunks: Iterable[bytes | bytearray | memoryview]) -> tuple[Path, int]:
-        """Write ``chunks`` to a new fsync'd staging file; returns its path and size."""
-        fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
-        size = 0
+    def stage(self, chunks: Sequence[bytes | bytearray | memoryview]) -> tuple[Path, int]:
+        """Write ``chunks`` to a new fsync'd staging file; returns its path and size.
+
+        The chunks go to the file as they are (``writev``): nothing is copied to join them.
+        """
+        path = self.tmp / f"{secrets.token_hex(12)}.part"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)
         try:
-            with os.fdopen(fd, "wb", buffering=0) as fh:
-                for chunk in chunks:
-                    fh.write(chunk)
-                    size += len(chunk)
-                os.fsync(fh.fileno())
+            try:
+                size = _write_all(fd, chunks)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except BaseException:
-            Path(name).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
             raise
-        return Path(name), size
+        return path, size
 
     def commit(self, staged: Path, relative_path: str) -> None:
         """Atomically move a staged file to its final place and make the rename durable."""
+        if not self._layout_ready:
+            self._create_layout()
         final = self.root / relative_path
         parent = final.parent
-        created = self._makedirs(parent)
+        created = [] if parent.is_dir() else self._makedirs(parent)
         os.replace(staged, final)
         _fsync_dir(parent)
         for directory in created:
             _fsync_dir(directory.parent)
+
+    def _create_layout(self) -> None:
+        """Create the 256 ``<ab>`` directories once (before the first file is placed)."""
+        with self._layout_lock:
+            if self._layout_ready:
+                return
+            created = False
+            for prefix in range(256):
+                try:
+                    (self.root / f"{prefix:02x}").mkdir()
+                    created = True
+                except FileExistsError:
+                    pass
+            if created:
+                _fsync_dir(self.root)
+            self._layout_ready = True
 
     def discard(self, staged: Path) -> None:
         """Remove a staging file that will not be committed."""
@@ -102,6 +131,26 @@ class InstanceFiles:
             except FileExistsError:
                 pass
         return created
+
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_IOV_MAX = 512
+
+
+def _write_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview]) -> int:
+    """Write every chunk (short writes resumed); returns the byte count."""
+    views = [memoryview(chunk).cast("B") for chunk in chunks if len(chunk)]
+    total = sum(len(view) for view in views)
+    while views:
+        written = os.writev(fd, views[:_IOV_MAX])
+        if written <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
+    return total
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -304,6 +304,181 @@ def _walk_items(data: memoryview, pos: int, end: int, *, little: bool, implicit:
     return -1
 
 
+# -- fast header read ---------------------------------------------------------------------
+
+_EXPLICIT_LE = frozenset(
+    {
+        "1.2.840.10008.1.2.1",  # explicit VR little endian
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.81",
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.5",
+    }
+)
+
+#: (tag -> (field, VR, length limit)) of the attributes the index reads.
+_FIELDS: dict[int, tuple[str, bytes, int]] = {
+    0x00080005: ("charset", b"CS", 0),
+    0x00080016: ("sop_class_uid", b"UI", 0),
+    0x00080018: ("sop_instance_uid", b"UI", 0),
+    0x00080020: ("study_date", b"DA", 8),
+    0x00080021: ("series_date", b"DA", 8),
+    0x00080030: ("study_time", b"TM", 16),
+    0x00080031: ("series_time", b"TM", 16),
+    0x00080050: ("accession_number", b"SH", 16),
+    0x00080060: ("modality", b"CS", 16),
+    0x00080090: ("referring_physician_name", b"PN", 324),
+    0x00081030: ("study_description", b"LO", 64),
+    0x0008103E: ("series_description", b"LO", 64),
+    0x00100010: ("patient_name", b"PN", 324),
+    0x00100020: ("patient_id", b"LO", 64),
+    0x00100021: ("issuer", b"LO", 64),
+    0x00100030: ("birth_date", b"DA", 8),
+    0x00100040: ("sex", b"CS", 16),
+    0x00180015: ("body_part_examined", b"CS", 16),
+    0x0020000D: ("study_instance_uid", b"UI", 0),
+    0x0020000E: ("series_instance_uid", b"UI", 0),
+    0x00200010: ("study_id", b"SH", 16),
+    0x00200011: ("series_number", b"IS", 12),
+    0x00200013: ("instance_number", b"IS", 12),
+    0x00280008: ("number_of_frames", b"IS", 0),
+}
+_LAST_FIELD = max(_FIELDS)
+_UID_FIELDS = ("sop_class_uid", "sop_instance_uid", "study_instance_uid", "series_instance_uid")
+#: Specific character sets whose single-byte or UTF-8 decoding is a plain codec.
+_CODECS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
+_TEXT_VRS = frozenset({b"CS", b"DA", b"TM", b"SH", b"LO", b"PN", b"UI", b"IS"})
+
+
+def fast_header(
+    dataset: bytes | bytearray | memoryview, transfer_syntax_uid: str, header_end: int
+) -> InstanceHeader | None:
+    """The index attributes read straight from the encoded top-level elements.
+
+    Handles the common case (little endian, explicit or implicit VR, single-valued
+    plain values in ASCII, Latin-1 or UTF-8) and returns ``None`` for anything else,
+    which :func:`parse_header` (pydicom) then reads: both give identical headers.
+    ``dataset`` must have passed :func:`check_complete`; ``header_end`` is its result.
+
+    Raises
+    ------
+    InvalidInstance
+        A required UID is missing or invalid (as :func:`parse_header` would).
+    """
+    if transfer_syntax_uid == _IMPLICIT:
+        implicit = True
+    elif transfer_syntax_uid in _EXPLICIT_LE:
+        implicit = False
+    else:
+        return None
+    data = memoryview(dataset).cast("B")
+    if not implicit and len(data) >= 6 and not bytes(data[4:6]).isalpha():
+        return None  # pydicom's implicit-VR guess: leave it to pydicom
+    raw = _top_level_values(data, header_end, implicit)
+    if raw is None:
+        return None
+    charset_raw = raw.pop("charset", b"")
+    if not charset_raw.isascii() or b"\\" in charset_raw:
+        return None
+    codec = _CODECS.get(charset_raw.decode("ascii").strip(" \x00"))
+    if codec is None:
+        return None
+    values: dict[str, str] = {}
+    for field, value in raw.items():
+        if b"\\" in value or b"\x1b" in value:
+            return None  # multi-valued or code extensions: pydicom's rules
+        try:
+            values[field] = value.decode(codec)
+        except UnicodeDecodeError:
+            return None
+    for field in _UID_FIELDS:
+        text = values.get(field, "").strip().rstrip("\x00")
+        if not text.isascii() or not is_valid_uid(text):
+            return None  # pydicom raises the same InvalidInstance, with its wording
+        values[field] = text
+    frames = 1
+    frames_text = values.pop("number_of_frames", "").strip(" \x00")
+    if frames_text:
+        if not _is_int(frames_text):
+            return None
+        frames = max(1, int(frames_text))
+    for field in ("series_number", "instance_number"):
+        number = values.get(field, "").strip(" \x00")
+        if number and not _is_int(number):
+            return None
+    texts = {
+        name: values.get(name, "").strip().replace("\x00", "")[:limit]
+        for name, _vr, limit in _FIELDS.values()
+        if limit
+    }
+    return InstanceHeader(
+        sop_class_uid=values["sop_class_uid"],
+        sop_instance_uid=values["sop_instance_uid"],
+        study_instance_uid=values["study_instance_uid"],
+        series_instance_uid=values["series_instance_uid"],
+        number_of_frames=frames,
+        **texts,
+    )
+
+
+def _is_int(text: str) -> bool:
+    digits = text[1:] if text[:1] in "+-" else text
+    return digits.isascii() and digits.isdigit() and len(text) <= 12
+
+
+def _top_level_values(data: memoryview, end: int, implicit: bool) -> dict[str, bytes] | None:
+    """The raw values of the wanted top-level elements, or ``None`` when unusual."""
+    found: dict[str, bytes] = {}
+    pos = 0
+    previous = -1
+    unpack = struct.unpack_from
+    while pos < end:
+        if end - pos < 8:
+            return None
+        group, elem = unpack("<HH", data, pos)
+        tag = group << 16 | elem
+        if tag <= previous or group == 0xFFFE:
+            return None
+        previous = tag
+        if tag > _LAST_FIELD:
+            break
+        if implicit:
+            (length,) = unpack("<I", data, pos + 4)
+            vr = b""
+            pos += 8
+        else:
+            vr = bytes(data[pos + 4 : pos + 6])
+            if vr in _LONG_VRS:
+                if end - pos < 12:
+                    return None
+                (length,) = unpack("<I", data, pos + 8)
+                pos += 12
+            else:
+                (length,) = unpack("<H", data, pos + 6)
+                pos += 8
+        field = _FIELDS.get(tag)
+        if length == _UNDEFINED:
+            if field is not None:
+                return None
+            pos = _walk_items(data, pos, end, little=True, implicit=implicit or vr == b"UN")
+            if pos < 0:
+                return None
+            continue
+        if pos + length > end:
+            return None
+        if field is not None:
+            if vr and vr != field[1]:
+                return None  # an unexpected VR: pydicom's conversion rules
+            found[field[0]] = bytes(data[pos : pos + length])
+        pos += length
+    return found
+
+
 def _text(ds: Dataset, keyword: str, limit: int) -> str:
     value = ds.get(keyword)
     if value is None:

@@ -6,8 +6,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.archive.header import InstanceHeader
@@ -21,8 +22,36 @@ class ArchiveIndex:
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
+        self._engine: Engine = sessions.kw["bind"]
         # series UID -> (study pk, series pk) of series this process has indexed into
         self._parents: dict[str, tuple[int, int]] = {}
+        # Statements of the store path, built once: SQLAlchemy memoises a statement
+        # object's cache key, so executing the same object skips building and hashing a
+        # new one per instance (most of the cost of a Core statement).
+        self._insert_instance = insert(Instance).returning(Instance.id)
+        self._count_series = (
+            update(Series)
+            .where(Series.id == bindparam("pk"))
+            .values(number_of_instances=Series.number_of_instances + 1)
+        )
+        self._count_study = (
+            update(Study)
+            .where(Study.id == bindparam("pk"))
+            .values(number_of_instances=Study.number_of_instances + 1)
+        )
+        self._count_study_series = (
+            update(Study)
+            .where(Study.id == bindparam("pk"))
+            .values(
+                number_of_instances=Study.number_of_instances + 1,
+                number_of_series=Study.number_of_series + 1,
+            )
+        )
+        placeholder = "?" if self._engine.dialect.paramstyle == "qmark" else "%s"
+        self._has_instance_sql = (
+            f"SELECT 1 FROM {Instance.__tablename__} "  # noqa: S608 - constant names
+            f"WHERE sop_instance_uid = {placeholder}"
+        )
 
     @property
     def sessions(self) -> sessionmaker[Session]:
@@ -37,11 +66,25 @@ class ArchiveIndex:
             ).one_or_none()
 
     def has_instance(self, sop_instance_uid: str) -> bool:
-        """Whether an instance is indexed (a Core query: cheap on the store path)."""
-        with self._sessions() as session:
-            found = session.connection().scalar(
-                select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
-            )
+        """Whether an instance is indexed.
+
+        One read on a pooled DBAPI connection, outside any transaction (SQLite: no
+        ``BEGIN IMMEDIATE`` write lock for a lookup). Raises :class:`SQLAlchemyError`.
+        """
+        dbapi_error = self._engine.dialect.dbapi.Error  # type: ignore[union-attr]
+        try:
+            raw = self._engine.raw_connection()
+            try:
+                cursor = raw.cursor()
+                try:
+                    cursor.execute(self._has_instance_sql, (sop_instance_uid,))
+                    found = cursor.fetchone()
+                finally:
+                    cursor.close()
+            finally:
+                raw.close()
+        except dbapi_error as exc:
+            raise SQLAlchemyError(f"index lookup failed ({type(exc).__name__})") from exc
         return found is not None
 
     def add_instance(
@@ -65,38 +108,31 @@ class ArchiveIndex:
         # Core statements on the session's connection: the ORM's per-statement overhead
         # was most of the cost of storing an instance.
         known = self._parents.get(header.series_instance_uid)
-        with self._sessions.begin() as session:
-            conn = session.connection()
+        with self._engine.begin() as conn:
             if known is None:
                 parents = self._create_parents(conn, header, issuer)
             else:
                 parents = (known[0], known[1], False)
             study_pk, series_pk, series_new = parents
             instance_id: int = conn.execute(
-                insert(Instance)
-                .values(
-                    series_pk=series_pk,
-                    sop_instance_uid=header.sop_instance_uid,
-                    sop_class_uid=header.sop_class_uid,
-                    instance_number=header.instance_number,
-                    number_of_frames=header.number_of_frames,
-                    transfer_syntax_uid=transfer_syntax_uid,
-                    size=size,
-                    path=relative_path,
-                    calling_ae=calling_ae[:16],
-                    received_at=received,
-                )
-                .returning(Instance.id)
+                self._insert_instance,
+                {
+                    "series_pk": series_pk,
+                    "sop_instance_uid": header.sop_instance_uid,
+                    "sop_class_uid": header.sop_class_uid,
+                    "instance_number": header.instance_number,
+                    "number_of_frames": header.number_of_frames,
+                    "transfer_syntax_uid": transfer_syntax_uid,
+                    "size": size,
+                    "path": relative_path,
+                    "calling_ae": calling_ae[:16],
+                    "received_at": received,
+                },
             ).scalar_one()
+            conn.execute(self._count_series, {"pk": series_pk})
             conn.execute(
-                update(Series)
-                .where(Series.id == series_pk)
-                .values(number_of_instances=Series.number_of_instances + 1)
+                self._count_study_series if series_new else self._count_study, {"pk": study_pk}
             )
-            study_values: dict[str, Any] = {"number_of_instances": Study.number_of_instances + 1}
-            if series_new:
-                study_values["number_of_series"] = Study.number_of_series + 1
-            conn.execute(update(Study).where(Study.id == study_pk).values(**study_values))
             if series_new and header.modality:
                 _add_modality(conn, study_pk, header.modality)
             if on_inserted is not None:

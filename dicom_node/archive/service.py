@@ -25,6 +25,7 @@ from dicom_node.archive.files import InstanceFiles
 from dicom_node.archive.header import (
     InstanceHeader,
     check_complete,
+    fast_header,
     file_meta_bytes,
     parse_header,
 )
@@ -73,7 +74,12 @@ class StoreHook(Protocol):
     def prepare(
         self, dataset: Dataset, header: InstanceHeader, calling_ae: str, default_issuer: str
     ) -> object | None:
-        """Decide before the transaction; ``None`` when there is nothing to persist."""
+        """Decide before the transaction; ``None`` when there is nothing to persist.
+
+        ``dataset`` holds the index attributes and :meth:`keywords`; when ``keywords()``
+        is empty the archive may skip decoding and pass an empty dataset (``header``
+        carries the index attributes).
+        """
         ...
 
     def persist(self, connection: Connection, instance_pk: int, prepared: object) -> None:
@@ -129,7 +135,13 @@ class Archive:
             command_sop_class_uid, command_sop_instance_uid, transfer_syntax_uid, calling_ae
         )
         header_end = check_complete(dataset, transfer_syntax_uid)
-        header, parsed = parse_header(meta, memoryview(dataset)[:header_end], self._keywords)
+        # the index attributes straight from the bytes when routing needs nothing more;
+        # pydicom for the rest (and whenever the fast reader declines)
+        fast = None if self._keywords else fast_header(dataset, transfer_syntax_uid, header_end)
+        if fast is None:
+            header, parsed = parse_header(meta, memoryview(dataset)[:header_end], self._keywords)
+        else:
+            header, parsed = fast, Dataset()
         if header.sop_instance_uid != command_sop_instance_uid:
             raise InvalidInstance(
                 "dataset SOP Instance UID differs from the command's", status=0xC211
