@@ -10,7 +10,7 @@ import abc
 import json
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -182,6 +182,17 @@ class Orthanc(Receiver):
     name = "orthanc"
     ae_title = "ORTHANC"
 
+    def __init__(
+        self,
+        *,
+        lua_scripts: Sequence[Path] = (),
+        modalities: Mapping[str, list[object]] | None = None,
+    ) -> None:
+        # Both are empty for the store benchmark; the forward benchmark adds a Lua
+        # auto-routing script and its destination modality.
+        self.lua_scripts = [str(p) for p in lua_scripts]
+        self.modalities = dict(modalities or {})
+
     def check_available(self) -> None:
         find_orthanc()
         find_dcmtk_tool("echoscu")
@@ -200,7 +211,7 @@ class Orthanc(Receiver):
             "IndexDirectory": str(workdir / "orthanc-index"),
             "StorageCompression": False,
             "Plugins": [],
-            "LuaScripts": [],
+            "LuaScripts": list(self.lua_scripts),
             "HttpServerEnabled": True,
             "HttpPort": http_port,
             "RemoteAccessAllowed": False,
@@ -213,7 +224,7 @@ class Orthanc(Receiver):
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowEcho": True,
             "DicomAlwaysAllowStore": True,
-            "DicomModalities": {"bench-sender": [SENDER_AET, LOOPBACK, 104]},
+            "DicomModalities": {"bench-sender": [SENDER_AET, LOOPBACK, 104], **self.modalities},
             "SaveJobs": False,
         }
         cfg_path = workdir / "orthanc.json"
@@ -251,7 +262,12 @@ _INSTANCES_RE = re.compile(r"^\s*instances?\s*[:=]\s*(\d+)\b", re.IGNORECASE)
 
 
 def consentgate_toml(
-    *, dicom_port: int, http_port: int, data_dir: Path, extra_peers: str = ""
+    *,
+    dicom_port: int,
+    http_port: int,
+    data_dir: Path,
+    extra_peers: str = "",
+    sender_issuer: str = "",
 ) -> str:
     """The bench's consentgate configuration (see bench/README.md)."""
     return (
@@ -268,7 +284,9 @@ def consentgate_toml(
         f'ae_title = "{SENDER_AET}"\n'
         f'host = "{LOOPBACK}"\n'
         "port = 104\n"
-        'services = ["echo", "store"]\n' + extra_peers
+        'services = ["echo", "store"]\n'
+        + (f"issuer = {json.dumps(sender_issuer)}\n" if sender_issuer else "")
+        + extra_peers
     )
 
 
@@ -325,6 +343,21 @@ class Consentgate(Receiver):
     name = "consentgate"
     ae_title = "CONSENTGATE"
 
+    def __init__(
+        self,
+        *,
+        extra_toml: str = "",
+        sender_issuer: str = "",
+        before_serve: Callable[[str, Path], None] | None = None,
+    ) -> None:
+        # All empty for the store benchmark. ``extra_toml`` is appended to the
+        # configuration (more [[peers]], [[routes]]); ``sender_issuer`` sets the sender
+        # peer's ``issuer``; ``before_serve(consentgate, config_path)`` runs after
+        # ``consentgate init`` and before ``serve`` (e.g. to record consents).
+        self.extra_toml = extra_toml
+        self.sender_issuer = sender_issuer
+        self.before_serve = before_serve
+
     def check_available(self) -> None:
         find_consentgate()
         find_dcmtk_tool("echoscu")
@@ -340,7 +373,13 @@ class Consentgate(Receiver):
         data_dir = workdir / "cg-data"
         cfg_path = workdir / "consentgate.toml"
         cfg_path.write_text(
-            consentgate_toml(dicom_port=dicom_port, http_port=http_port, data_dir=data_dir),
+            consentgate_toml(
+                dicom_port=dicom_port,
+                http_port=http_port,
+                data_dir=data_dir,
+                extra_peers=self.extra_toml,
+                sender_issuer=self.sender_issuer,
+            ),
             encoding="utf-8",
         )
         init = subprocess.run(
@@ -356,6 +395,8 @@ class Consentgate(Receiver):
                 f"'consentgate init' exited with status {init.returncode}:\n"
                 + "\n".join((init.stdout + init.stderr).splitlines()[-10:])
             )
+        if self.before_serve is not None:
+            self.before_serve(consentgate, cfg_path)
         cmd = [consentgate, "--config", str(cfg_path), "serve"]
         with ManagedProcess(
             cmd, log_path=workdir / "consentgate.log", env=receiver_env(), cwd=REPO_ROOT, grace=40
