@@ -15,7 +15,6 @@ import contextlib
 import logging
 import socket
 import socketserver
-from copy import deepcopy
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -107,7 +106,9 @@ class GatewayRequestHandler(RequestHandler):
         acceptor.address_info = self.local
         acceptor.implementation_class_uid = ae.implementation_class_uid
         acceptor.implementation_version_name = ae.implementation_version_name
-        acceptor.supported_contexts = deepcopy(server.contexts)
+        # pynetdicom deep-copies the ~180 contexts here (60 ms per association); its
+        # negotiation only reads them and builds new result contexts, so share them
+        acceptor.supported_contexts = list(server.contexts)
         assoc.requestor.address_info = self.remote
         for event, handlers in server._handlers.items():
             if event.is_intervention and handlers:
