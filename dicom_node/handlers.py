@@ -228,19 +228,17 @@ class NodeHandlers:
         self._metrics.queries.labels(query.level.name).inc()
         checks = _RequestAccess(self._access, peer.purpose)
         try:
-            with self._sessions() as session:
-                result = session.execute(query.statement.execution_options(yield_per=500))
-                for row in result:
-                    if event.is_cancelled:
-                        yield 0xFE00, None
-                        return
-                    patient = next(o for o in row if isinstance(o, Patient))
-                    if not checks.allows(_patient_key(patient)):
-                        continue
-                    yield (
-                        0xFF00,
-                        response_identifier(row, query, retrieve_ae=self._settings.node.ae_title),
-                    )
+            for row in self._find_rows(query.statement, buffered=bool(peer.purpose)):
+                if event.is_cancelled:
+                    yield 0xFE00, None
+                    return
+                patient = next(o for o in row if isinstance(o, Patient))
+                if not checks.allows(_patient_key(patient)):
+                    continue
+                yield (
+                    0xFF00,
+                    response_identifier(row, query, retrieve_ae=self._settings.node.ae_title),
+                )
         except SQLAlchemyError as exc:
             LOG.error("C-FIND index query failed: %s", type(exc).__name__)
             self._metrics.errors.labels("find", hex(_UNABLE)).inc()
@@ -249,6 +247,19 @@ class NodeHandlers:
         finally:
             self._audit_access("find", peer, checks, {"level": query.level.name})
         yield 0x0000, None
+
+    def _find_rows(self, statement: Any, *, buffered: bool) -> Iterator[Any]:
+        """The index rows of a C-FIND, streamed from an open session, or, when consent
+        checks follow (``buffered``), read first and the session closed: each check opens
+        its own session, and on SQLite (every transaction ``BEGIN IMMEDIATE``) it would
+        wait for this one until the busy timeout."""
+        if buffered:
+            with self._sessions() as session:
+                rows = session.execute(statement).all()
+            yield from rows
+            return
+        with self._sessions() as session:
+            yield from session.execute(statement.execution_options(yield_per=500))
 
     # -- retrieve ---------------------------------------------------------------------
 

@@ -86,18 +86,19 @@ class DestinationWorker(threading.Thread):
         self._owner = owner
         self._on_sent = on_sent
         self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
         self._link: _Link | None = None
+        self._unreachable = ""
 
     def wake(self) -> None:
         self._wake.set()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
         self._wake.set()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             try:
                 jobs = self._queue.claim(self._peer.name, self._owner, self._options.batch_size)
             except Exception as exc:
@@ -114,8 +115,9 @@ class DestinationWorker(threading.Thread):
         self._close_link()
 
     def _process(self, jobs: list[ClaimedJob]) -> None:
+        self._unreachable = ""  # set when the destination cannot be reached in this batch
         for index, job in enumerate(jobs):
-            if self._stop.is_set():
+            if self._stopping.is_set():
                 for rest in jobs[index:]:
                     self._queue.requeue(rest, self._owner)
                 return
@@ -138,9 +140,13 @@ class DestinationWorker(threading.Thread):
                 self._queue.hold(job, self._owner, f"consent: {decision.reason}")
                 return
         path = self._files.absolute(job.path)
+        if self._unreachable:  # one connection attempt per batch, not one per job
+            self._queue.retry_later(job, self._owner, self._unreachable)
+            return
         try:
             link = self._ensure_link(job, batch)
         except ScuError as exc:
+            self._unreachable = str(exc)
             self._queue.retry_later(job, self._owner, str(exc))
             return
         key = (job.sop_class_uid, job.transfer_syntax_uid)

@@ -256,12 +256,19 @@ class JobQueue:
         )
 
     def drop_for_consent(self, patient_pk: int, purpose: str, reason: str) -> int:
-        """Every not-yet-sent job of this patient and purpose is dropped."""
+        """Every not-yet-sent job of this patient and purpose is dropped; not a job held
+        for reconciliation, whose ``patient_pk`` is only a candidate that did not match."""
         return self._bulk(
             [
                 ForwardJob.patient_pk == patient_pk,
                 ForwardJob.purpose == purpose,
-                ForwardJob.state.in_(_OPEN_STATES),
+                or_(
+                    ForwardJob.state == JobState.READY.value,
+                    and_(
+                        ForwardJob.state == JobState.HELD.value,
+                        ForwardJob.hold_reason == HoldReason.CONSENT.value,
+                    ),
+                ),
             ],
             state=JobState.DROPPED.value,
             last_error=reason[:255],

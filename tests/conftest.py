@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,14 +20,18 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 from cli.database import upgrade
 from cli.runtime import Runtime, build_node, build_runtime
-from config.settings import NodeSettings, PeerSettings, Settings
+from config.settings import NodeSettings, PeerSettings, RouteSettings, Settings
+from consent.service import ConsentStore
 from dicom_node.server import DicomNode
+from router.forwarder import ForwarderOptions
+from router.queue import RetryPolicy
 from tests.corpus import CorpusFile, make_corpus
 
 PG_ADMIN_DSN = os.environ.get(
@@ -363,3 +368,382 @@ def indexed_instances(db_url: str) -> dict[str, str]:
     finally:
         engine.dispose()
     return {uid: path for uid, path in rows}
+
+
+# -- routing and consent tests: destinations, polling, seeding, the CLI in a subprocess ------
+
+ORTHANC_BIN = Path("/usr/sbin/Orthanc")
+ISSUER = "CHR-METZ"  # the issuer tests.corpus.make_small_series writes in every instance
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout``
+    seconds pass (AssertionError naming ``what``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def port_listening(port: int) -> bool:
+    """Whether something accepts TCP connections on loopback ``port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+    except OSError:
+        return False
+    return True
+
+
+class OrthancServer:
+    """Our own Orthanc process (never the system service): its own JSON configuration,
+    storage and index directories in ``work_dir``, loopback HTTP, no authentication,
+    accepting C-STORE from anyone. ``stop()`` then ``start()`` restarts it on the same ports
+    with the same storage."""
+
+    def __init__(
+        self,
+        work_dir: Path,
+        ae_title: str = "REGIONAL",
+        dicom_port: int | None = None,
+        http_port: int | None = None,
+    ) -> None:
+        self.work_dir = work_dir
+        self.ae_title = ae_title
+        self.dicom_port = dicom_port or free_port()
+        self.http_port = http_port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        work_dir.mkdir(parents=True, exist_ok=True)
+        self.config = work_dir / "orthanc.json"
+        self.config.write_text(
+            json.dumps(
+                {
+                    "Name": "consentgate-test",
+                    "StorageDirectory": str(work_dir / "storage"),
+                    "IndexDirectory": str(work_dir / "index"),
+                    "StorageCompression": False,
+                    "Plugins": [],
+                    "LuaScripts": [],
+                    "HttpServerEnabled": True,
+                    "HttpPort": self.http_port,
+                    "RemoteAccessAllowed": False,
+                    "AuthenticationEnabled": False,
+                    "OrthancExplorerEnabled": False,
+                    "WebDavEnabled": False,
+                    "DicomServerEnabled": True,
+                    "DicomAet": ae_title,
+                    "DicomPort": self.dicom_port,
+                    "DicomCheckCalledAet": False,
+                    "DicomAlwaysAllowEcho": True,
+                    "DicomAlwaysAllowStore": True,
+                    "SaveJobs": False,
+                }
+            ),
+            encoding="utf-8",
+        )
+        self.log_path = work_dir / "orthanc.log"
+
+    def __enter__(self) -> OrthancServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill()
+
+    def start(self, timeout: float = 30.0) -> OrthancServer:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(ORTHANC_BIN), str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.work_dir,
+                # DCMTK inside Orthanc reads TCP_NODELAY: without it each small response
+                # waits for Nagle + delayed ACK (~10 instances/s instead of hundreds)
+                env={**os.environ, "TCP_NODELAY": "1"},
+            )
+        try:
+            wait_until(
+                lambda: self._alive() and self.get("/statistics") is not None,
+                timeout,
+                "Orthanc's REST API",
+            )
+            wait_until(lambda: self._alive() and port_listening(self.dicom_port), timeout, "DICOM")
+        except AssertionError:
+            self.stop()
+            raise AssertionError(f"Orthanc did not start:\n{self.log()[-3000:]}") from None
+        return self
+
+    def _alive(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise AssertionError(f"Orthanc exited:\n{self.log()[-3000:]}")
+        return True
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it does not exit within 15 s; always reaped."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL (end of test: nothing of its storage is needed any more); reaped."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def get(self, path: str) -> Any:
+        """GET a REST resource as JSON (None when nothing answers)."""
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.http_port}{path}", timeout=10
+            ) as r:
+                return json.loads(r.read())
+        except OSError:
+            return None
+
+    def count(self) -> int:
+        """CountInstances from GET /statistics."""
+        stats = self.get("/statistics")
+        assert stats is not None, "Orthanc does not answer"
+        return int(stats["CountInstances"])
+
+    def sop_instance_uids(self) -> list[str]:
+        """The SOP Instance UID of every stored instance (GET /instances?expand)."""
+        instances = self.get("/instances?expand")
+        assert instances is not None, "Orthanc does not answer"
+        return [str(i["MainDicomTags"]["SOPInstanceUID"]) for i in instances]
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+
+class RecordingScp:
+    """A pynetdicom storage SCP on loopback (a light forward destination) that records the
+    SOP Instance UID of every C-STORE it acknowledges, duplicates included."""
+
+    def __init__(self, ae_title: str, port: int | None = None) -> None:
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        self.received: list[str] = []
+        self._lock = threading.Lock()
+        self._server: Any = None
+
+    def _on_store(self, event: Any) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        with self._lock:
+            self.received.append(uid)
+        return 0x0000
+
+    def start(self) -> RecordingScp:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        ae = AE(ae_title=self.ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        ae.add_supported_context(Verification)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+        )
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def uids(self) -> list[str]:
+        with self._lock:
+            return list(self.received)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.received.clear()
+
+
+def with_routes(
+    settings: Settings,
+    routes: list[RouteSettings],
+    peers: list[PeerSettings] | None = None,
+) -> Settings:
+    """``settings`` plus extra ``peers`` and the given routes."""
+    return replace(settings, peers=settings.peers + tuple(peers or ()), routes=tuple(routes))
+
+
+def prepare_runtime(settings: Settings, policy: RetryPolicy | None = None) -> Runtime:
+    """Build the runtime, create the archive and the schema; optionally a test retry
+    policy for the forward queue (shared by the planner, forwarders and consent sync)."""
+    runtime = build_runtime(settings)
+    runtime.files.prepare()
+    upgrade(runtime.engine)
+    if policy is not None:
+        runtime.queue.policy = policy
+    return runtime
+
+
+FAST_RETRY = RetryPolicy(max_attempts=1000, base_delay=0.2, max_delay=1.0, lease_seconds=30.0)
+FAST_FORWARD = ForwarderOptions(batch_size=64, poll_interval=0.1, idle_release=1.0)
+
+
+def seed_purpose(store: ConsentStore, code: str, model: str = "opt-in") -> None:
+    """A purpose with its notice (a permit needs one)."""
+    store.add_purpose(
+        code, f"Test purpose {code}", model=model, notice_text=f"Notice of {code}.", actor="test"
+    )
+
+
+def seed_patient(
+    store: ConsentStore, patient_id: str, birth_date: str = "1970-01-01", sex: str = "U"
+) -> int:
+    """A consent-store patient matching tests.corpus.make_small_series(patient_id=...)
+    instances (issuer CHR-METZ, born 1970-01-01; DICOM sex O is compatible with U)."""
+    from datetime import date
+
+    return store.add_patient(
+        issuer=ISSUER,
+        patient_id=patient_id,
+        birth_name=f"NAME{patient_id}".replace("-", ""),
+        first_name="TEST",
+        birth_date=date.fromisoformat(birth_date),
+        sex=sex,
+        actor="test",
+    )
+
+
+def job_states(runtime: Runtime, destination: str | None = None) -> dict[str, str]:
+    """SOP Instance UID -> state of its forward job (one destination, or all when there is
+    only one job per instance)."""
+    from sqlalchemy import select
+
+    from dicom_node.archive.models import Instance
+    from router.models import ForwardJob
+
+    stmt = select(Instance.sop_instance_uid, ForwardJob.state).join(
+        Instance, Instance.id == ForwardJob.instance_pk
+    )
+    if destination is not None:
+        stmt = stmt.where(ForwardJob.destination == destination)
+    with runtime.sessions() as session:
+        return {uid: state for uid, state in session.execute(stmt)}
+
+
+def send_storescu(
+    host: str,
+    port: int,
+    files: list[Path],
+    called_ae: str = NODE_AE,
+    calling_ae: str = MODALITY_AE,
+) -> subprocess.CompletedProcess[str]:
+    """DCMTK storescu (uncompressed files, one association, TCP_NODELAY=1); fails the
+    test unless every file was acknowledged."""
+    result = run_tool(
+        "env",
+        "TCP_NODELAY=1",
+        "/usr/bin/storescu",
+        "-aet",
+        calling_ae,
+        "-aec",
+        called_ae,
+        "-to",
+        "10",
+        "-ta",
+        "10",
+        "-td",
+        "30",
+        host,
+        port,
+        *files,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def consentgate_cli(
+    config: Path, *args: object, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """``consentgate --config CONFIG ARGS...`` in its own process (as hospital IT runs it)."""
+    return run_tool(CONSENTGATE_BIN, "--config", config, *args, timeout=timeout)
+
+
+def toml_routes(routes: list[dict[str, Any]]) -> str:
+    """``[[routes]]`` tables in TOML; ``match`` values: a string, a list of strings, or a
+    one-key dict such as ``{"glob": "P*"}``."""
+    lines: list[str] = []
+    for route in routes:
+        lines += ["", "[[routes]]"]
+        for key in ("name", "destinations", "purpose"):
+            if key in route:
+                lines.append(f"{key} = {json.dumps(route[key])}")
+        match = route.get("match") or {}
+        if match:
+            lines.append("[routes.match]")
+            for keyword, value in match.items():
+                if isinstance(value, dict):
+                    ((op, operand),) = value.items()
+                    lines.append(f"{keyword} = {{ {op} = {json.dumps(operand)} }}")
+                else:
+                    lines.append(f"{keyword} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+#: Run by TunedServeProcess: ``consentgate serve`` with the retry policy and forwarder
+#: options taken from $CG_TEST_RETRY / $CG_TEST_FORWARD (JSON); the configuration file has
+#: no keys for them.
+_TUNED_SERVE = """
+import functools, json, os, sys
+import router.forwarder, router.queue
+router.queue.RetryPolicy = functools.partial(
+    router.queue.RetryPolicy, **json.loads(os.environ["CG_TEST_RETRY"]))
+router.forwarder.ForwarderOptions = functools.partial(
+    router.forwarder.ForwarderOptions, **json.loads(os.environ["CG_TEST_FORWARD"]))
+from cli.main import main
+sys.argv[0] = "consentgate"
+main()
+"""
+
+
+class TunedServeProcess(ServeProcess):
+    """``consentgate serve`` (the real command) with a fast retry policy and lease."""
+
+    def __init__(
+        self,
+        config: Path,
+        http_port: int,
+        log_path: Path,
+        policy: RetryPolicy,
+        options: ForwarderOptions,
+    ) -> None:
+        super().__init__(config, http_port, log_path)
+        self.env = dict(os.environ)
+        self.env["CG_TEST_RETRY"] = json.dumps(policy.__dict__)
+        self.env["CG_TEST_FORWARD"] = json.dumps(options.__dict__)
+
+    def start(self, ready_timeout: float = 30.0) -> ServeProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _TUNED_SERVE, "--config", str(self.config), "serve"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+            )
+        wait_until(
+            lambda: self._ready(), ready_timeout, f"serve to answer /healthz:\n{self.log()}", 0.1
+        )
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.log()}")
+        return self.healthz()[0] == 200
