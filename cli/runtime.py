@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from cli.database import current_revision, head_revision, make_engine, make_sessions
+from config.db import reading
 from config.settings import Settings
 from consent.decision import Resolution
 from consent.service import ConsentStore
@@ -40,6 +41,7 @@ class Runtime:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
+    read_sessions: sessionmaker[Session]
     files: InstanceFiles
     index: ArchiveIndex
     archive: Archive
@@ -101,6 +103,7 @@ def build_runtime(settings: Settings) -> Runtime:
         settings=settings,
         engine=engine,
         sessions=sessions,
+        read_sessions=reading(engine),
         files=files,
         index=index,
         archive=Archive(files, index, RoutingHook(planner, queue, wakeups)),
@@ -137,7 +140,7 @@ def build_node(runtime: Runtime) -> DicomNode:
     handlers = NodeHandlers(
         runtime.settings,
         runtime.archive,
-        runtime.sessions,
+        runtime.read_sessions,
         runtime.metrics,
         contexts,
         access=runtime.gate,

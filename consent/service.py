@@ -43,6 +43,7 @@ from sqlalchemy import Engine, delete, func, insert, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.db import reading
 from consent.audit import AuditReport, append_audit, lock_for_write, verify_audit
 from consent.decision import ConsentChange, Decision, Outcome, Resolution, StateReader
 from consent.errors import (
@@ -184,6 +185,7 @@ class ConsentStore:
         if not isinstance(bind, Engine):
             raise TypeError("ConsentStore needs a sessionmaker bound to an Engine")
         self._sessions = sessions
+        self._read_sessions = reading(bind)
         self._engine = bind
         self._clock = clock
         self._allow_test_ins = allow_test_ins
@@ -222,7 +224,7 @@ class ConsentStore:
         key = self._purpose_keys.get(code)
         if key is not None:
             return key
-        with self._sessions() as session:
+        with self._read_sessions() as session:
             row = session.execute(
                 select(Purpose.id, Purpose.model).where(Purpose.code == code)
             ).first()
@@ -419,7 +421,7 @@ class ConsentStore:
         UnknownPurpose
             No such purpose, or no such notice version.
         """
-        with self._sessions() as session:
+        with self._read_sessions() as session:
             purpose = self._purpose_row(session, code)
             if version is None:
                 notice = self._latest_notice(session, purpose.id)
@@ -435,7 +437,7 @@ class ConsentStore:
 
     def list_purposes(self) -> list[PurposeInfo]:
         """Every purpose, by code, with its latest notice version."""
-        with self._sessions() as session:
+        with self._read_sessions() as session:
             latest = (
                 select(NoticeVersion.purpose_pk, func.max(NoticeVersion.version).label("v"))
                 .group_by(NoticeVersion.purpose_pk)
@@ -672,7 +674,7 @@ class ConsentStore:
 
     def find_patient(self, issuer: str, patient_id: str) -> int | None:
         """The patient pk of an IPP within its issuer, or ``None``."""
-        with self._sessions() as session:
+        with self._read_sessions() as session:
             return self._patient_pk(session, issuer, patient_id)
 
     def search_patients(self, text: str, *, limit: int = 50) -> list[dict[str, Any]]:
@@ -681,7 +683,7 @@ class ConsentStore:
         terms = search_key(text).split()
         if not terms:
             return []
-        with self._sessions() as session:
+        with self._read_sessions() as session:
             by_identifier = select(PatientIdentifier.patient_pk).where(
                 PatientIdentifier.value == text.strip()
             )
@@ -703,7 +705,7 @@ class ConsentStore:
         ------
         UnknownPatient
         """
-        with self._sessions() as session:
+        with self._read_sessions() as session:
             patient = session.get(Patient, pk)
             if patient is None:
                 raise UnknownPatient(f"unknown patient #{pk}")
@@ -1214,7 +1216,7 @@ class ConsentStore:
         ------
         UnknownPatient
         """
-        with self._sessions() as session:
+        with self._read_sessions() as session:
             pk = self._require_patient(session, issuer, patient_id)
             rows = session.execute(
                 select(Purpose.code, Purpose.model, ConsentState.decision)
@@ -1242,7 +1244,7 @@ class ConsentStore:
         ------
         UnknownPatient, UnknownPurpose
         """
-        with self._sessions() as session:
+        with self._read_sessions() as session:
             pk = self._require_patient(session, issuer, patient_id)
             return self._history(session, pk, purpose)
 
@@ -1302,7 +1304,7 @@ class ConsentStore:
         ------
         UnknownPatient
         """
-        with self._sessions() as session:
+        with self._read_sessions() as session:
             pk = self._require_patient(session, issuer, patient_id)
             patient = session.get_one(Patient, pk)
             system, value = issuer.strip(), patient_id.strip()
@@ -1358,7 +1360,7 @@ class ConsentStore:
     def last_event_id(self) -> int:
         """The highest consent event id (0 when the log is empty): a starting point for
         :meth:`changes_since`."""
-        with self._sessions() as session:
+        with self._read_sessions() as session:
             return int(session.scalar(select(func.coalesce(func.max(ConsentEvent.id), 0))) or 0)
 
     def changes_since(self, event_id: int) -> list[ConsentChange]:
@@ -1368,7 +1370,7 @@ class ConsentStore:
 
         Event ids grow in commit order (writers are serialised), so no change is missed.
         """
-        with self._sessions() as session:
+        with self._read_sessions() as session:
             last = func.max(ConsentEvent.id).label("last")
             changed = (
                 select(ConsentEvent.patient_pk, ConsentEvent.purpose_pk, last)
@@ -1430,7 +1432,7 @@ class ConsentStore:
             included); ``unknown`` when nothing matches or on error.
         """
         try:
-            with self._sessions() as session:
+            with self._read_sessions() as session:
                 return self._resolve(session, issuer, patient_id, ins_values, birth_date, sex)
         except Exception as exc:
             LOG.error("patient resolution failed: %s", type(exc).__name__)
@@ -1515,5 +1517,5 @@ class ConsentStore:
 
     def verify_audit(self, *, known_head: tuple[int, str] | None = None) -> AuditReport:
         """Verify the audit chain (see :func:`consent.audit.verify_audit`)."""
-        with self._sessions() as session:
+        with self._read_sessions() as session:
             return verify_audit(session, known_head=known_head)

@@ -228,7 +228,7 @@ class NodeHandlers:
         self._metrics.queries.labels(query.level.name).inc()
         checks = _RequestAccess(self._access, peer.purpose)
         try:
-            for row in self._find_rows(query.statement, buffered=bool(peer.purpose)):
+            for row in self._find_rows(query.statement):
                 if event.is_cancelled:
                     yield 0xFE00, None
                     return
@@ -248,16 +248,10 @@ class NodeHandlers:
             self._audit_access("find", peer, checks, {"level": query.level.name})
         yield 0x0000, None
 
-    def _find_rows(self, statement: Any, *, buffered: bool) -> Iterator[Any]:
-        """The index rows of a C-FIND, streamed from an open session, or, when consent
-        checks follow (``buffered``), read first and the session closed: each check opens
-        its own session, and on SQLite (every transaction ``BEGIN IMMEDIATE``) it would
-        wait for this one until the busy timeout."""
-        if buffered:
-            with self._sessions() as session:
-                rows = session.execute(statement).all()
-            yield from rows
-            return
+    def _find_rows(self, statement: Any) -> Iterator[Any]:
+        """The index rows of a C-FIND, streamed in chunks. The sessions handed to the
+        handlers only read (on SQLite a deferred transaction on a WAL snapshot), so a slow
+        reader neither blocks stores nor the consent checks made while streaming."""
         with self._sessions() as session:
             yield from session.execute(statement.execution_options(yield_per=500))
 
