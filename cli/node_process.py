@@ -45,9 +45,17 @@ class NodeProcess:
         runtime: Runtime,
         *,
         forwarder_options: ForwarderOptions | None = None,
-        sync_interval: float = 1.0,
-        sweep_interval: float = 30.0,
+        sync_interval: float | None = None,
+        sweep_interval: float | None = None,
     ) -> None:
+        tuning = runtime.settings.router
+        forwarder_options = forwarder_options or ForwarderOptions(
+            batch_size=tuning.batch_size,
+            poll_interval=tuning.poll_interval,
+            idle_release=tuning.idle_release,
+        )
+        sync_interval = tuning.consent_poll_interval if sync_interval is None else sync_interval
+        sweep_interval = tuning.consent_sweep_interval if sweep_interval is None else sweep_interval
         self.runtime = runtime
         self.node = build_node(runtime)
         self.forwarders = ForwarderPool(

@@ -26,7 +26,7 @@ from dicom_node.server import DicomNode
 from router.gate import AccessGate, ArchivedPatient
 from router.hook import RoutingHook, Wakeups
 from router.planner import PatientFacts, Planner
-from router.queue import JobQueue
+from router.queue import JobQueue, RetryPolicy
 from router.routes import RouteTable
 
 
@@ -96,7 +96,16 @@ def build_runtime(settings: Settings) -> Runtime:
             sex=patient.sex,
         )
 
-    queue = JobQueue(sessions)
+    tuning = settings.router
+    queue = JobQueue(
+        sessions,
+        RetryPolicy(
+            max_attempts=tuning.max_attempts,
+            base_delay=tuning.retry_base_delay,
+            max_delay=tuning.retry_max_delay,
+            lease_seconds=tuning.lease_seconds,
+        ),
+    )
     planner = Planner(routes, resolve_facts, consent.decide)
     wakeups = Wakeups()
     return Runtime(

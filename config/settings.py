@@ -56,6 +56,21 @@ class NodeSettings:
 
 
 @dataclass(frozen=True)
+class RouterSettings:
+    """The ``[router]`` table: forward queue and forwarder tuning."""
+
+    max_attempts: int = 10
+    retry_base_delay: float = 2.0
+    retry_max_delay: float = 300.0
+    lease_seconds: float = 120.0
+    batch_size: int = 64
+    poll_interval: float = 0.5
+    idle_release: float = 5.0
+    consent_poll_interval: float = 1.0
+    consent_sweep_interval: float = 30.0
+
+
+@dataclass(frozen=True)
 class PeerSettings:
     """One ``[[peers]]`` entry: a remote application entity we talk to."""
 
@@ -106,6 +121,7 @@ class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     peers: tuple[PeerSettings, ...] = ()
     routes: tuple[RouteSettings, ...] = ()
+    router: RouterSettings = field(default_factory=RouterSettings)
     source: str = "<built-in defaults>"
 
     def peer_by_name(self, name: str) -> PeerSettings | None:
@@ -186,7 +202,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
 
 def parse_settings(raw: Mapping[str, Any], *, source: str, base_dir: Path) -> Settings:
     """Validate a parsed TOML document into :class:`Settings`."""
-    _known(raw, {"node", "peers", "routes"}, source, "")
+    _known(raw, {"node", "peers", "routes", "router"}, source, "")
     node = _parse_node(_table(raw.get("node", {}), source, "node"), source, base_dir)
     peers_raw = raw.get("peers", [])
     if not isinstance(peers_raw, list):
@@ -210,7 +226,33 @@ def parse_settings(raw: Mapping[str, Any], *, source: str, base_dir: Path) -> Se
     for name in route_names:
         if route_names.count(name) > 1:
             raise ConfigError(f"{source}: routes.name '{name}' is defined more than once")
-    return Settings(node=node, peers=peers, routes=routes, source=source)
+    router = _parse_router(_table(raw.get("router", {}), source, "router"), source)
+    return Settings(node=node, peers=peers, routes=routes, router=router, source=source)
+
+
+def _parse_router(tbl: Mapping[str, Any], source: str) -> RouterSettings:
+    defaults = RouterSettings()
+    _known(tbl, set(RouterSettings.__dataclass_fields__), source, "router")
+    router = RouterSettings(
+        max_attempts=_int(tbl, "max_attempts", defaults.max_attempts, source, "router", 1, 1000),
+        retry_base_delay=_float(
+            tbl, "retry_base_delay", defaults.retry_base_delay, source, "router"
+        ),
+        retry_max_delay=_float(tbl, "retry_max_delay", defaults.retry_max_delay, source, "router"),
+        lease_seconds=_float(tbl, "lease_seconds", defaults.lease_seconds, source, "router"),
+        batch_size=_int(tbl, "batch_size", defaults.batch_size, source, "router", 1, 1000),
+        poll_interval=_float(tbl, "poll_interval", defaults.poll_interval, source, "router"),
+        idle_release=_float(tbl, "idle_release", defaults.idle_release, source, "router"),
+        consent_poll_interval=_float(
+            tbl, "consent_poll_interval", defaults.consent_poll_interval, source, "router"
+        ),
+        consent_sweep_interval=_float(
+            tbl, "consent_sweep_interval", defaults.consent_sweep_interval, source, "router"
+        ),
+    )
+    if router.retry_max_delay < router.retry_base_delay:
+        raise ConfigError(f"{source}: router.retry_max_delay must be >= router.retry_base_delay")
+    return router
 
 
 def _parse_node(tbl: Mapping[str, Any], source: str, base_dir: Path) -> NodeSettings:

@@ -317,3 +317,21 @@ def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes('[node]\nae_title = "SCANNÉR"\n'.encode("latin-1"))
     assert str(path) in config_error(path)
+
+
+def test_router_table_is_parsed_and_validated(tmp_path: Path) -> None:
+    from config.settings import ConfigError, load_settings
+
+    good = tmp_path / "good.toml"
+    good.write_text("[router]\nmax_attempts = 3\nretry_base_delay = 0.5\nlease_seconds = 10\n")
+    router = load_settings(good).router
+    assert (router.max_attempts, router.retry_base_delay, router.lease_seconds) == (3, 0.5, 10.0)
+    assert router.batch_size == 64  # untouched keys keep their defaults
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[router]\nretry_base_delay = 10\nretry_max_delay = 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: router\.retry_max_delay"):
+        load_settings(bad)
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[router]\nmax_attempt = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown\.toml: unknown key 'router\.max_attempt'"):
+        load_settings(unknown)
