@@ -31,6 +31,8 @@ from router.decisions import Decide, Outcome, failed
 from router.queue import ClaimedJob, JobQueue
 
 LOG = logging.getLogger(__name__)
+#: acknowledged jobs recorded together (bounded by the batch: all are recorded at its end)
+_ACK_BATCH = 16
 _UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 
 
@@ -88,6 +90,9 @@ class DestinationWorker(threading.Thread):
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._link: _Link | None = None
+        # sent and acknowledged, not yet recorded: written in one transaction per few
+        # jobs (a crash before that resends them; destinations keep one copy per UID)
+        self._acknowledged: list[int] = []
         self._unreachable = ""
 
     def wake(self) -> None:
@@ -114,7 +119,27 @@ class DestinationWorker(threading.Thread):
             self._process(jobs)
         self._close_link()
 
+    def _record_acknowledged(self) -> None:
+        done, self._acknowledged = self._acknowledged, []
+        if not done:
+            return
+        try:
+            self._queue.complete_many(done, self._owner)
+        except Exception as exc:  # the lease expires and the jobs are sent again
+            LOG.error(
+                "forwarder %s: cannot record sent jobs: %s", self._peer.name, type(exc).__name__
+            )
+            return
+        if self._on_sent is not None:
+            self._on_sent(self._peer.name, len(done))
+
     def _process(self, jobs: list[ClaimedJob]) -> None:
+        try:
+            self._process_batch(jobs)
+        finally:
+            self._record_acknowledged()
+
+    def _process_batch(self, jobs: list[ClaimedJob]) -> None:
         self._unreachable = ""  # set when the destination cannot be reached in this batch
         for index, job in enumerate(jobs):
             if self._stopping.is_set():
@@ -176,9 +201,9 @@ class DestinationWorker(threading.Thread):
             self._drop_link()
             self._queue.retry_later(job, self._owner, "no C-STORE response")
         elif code == 0x0000 or (code & 0xF000) == 0xB000:
-            self._queue.complete(job.id, self._owner)
-            if self._on_sent is not None:
-                self._on_sent(self._peer.name, 1)
+            self._acknowledged.append(job.id)
+            if len(self._acknowledged) >= _ACK_BATCH:
+                self._record_acknowledged()
         else:
             self._queue.retry_later(job, self._owner, f"destination answered 0x{code:04X}")
 

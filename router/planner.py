@@ -13,6 +13,7 @@ requires a purpose wins over one that does not (fail closed).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,10 @@ class PatientFacts:
 Resolve = Callable[[PatientFacts], Resolution]
 
 
+#: seconds a successful patient resolution is reused
+_RESOLUTION_TTL = 2.0
+
+
 @dataclass(frozen=True)
 class Plan:
     """The jobs to create and what was decided, for one instance."""
@@ -48,10 +53,21 @@ class Plan:
 class Planner:
     """Turns an instance's attributes into forward jobs."""
 
-    def __init__(self, routes: RouteTable, resolve: Resolve, decide: Decide) -> None:
+    def __init__(
+        self,
+        routes: RouteTable,
+        resolve: Resolve,
+        decide: Decide,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.routes = routes
         self._resolve = resolve
         self._decide = decide
+        self._clock = clock
+        # identity facts -> (time, resolution): the instances of a series carry the same
+        # identity; only matches are remembered, briefly (an unknown patient added a
+        # moment later must not stay held for reconciliation)
+        self._resolved: dict[PatientFacts, tuple[float, Resolution]] = {}
 
     def keywords(self) -> frozenset[str]:
         """Attribute keywords the routes need read from each dataset."""
@@ -74,10 +90,7 @@ class Planner:
                     chosen[dest] = (route.name, route.purpose)
         resolution: Resolution | None = None
         if any(purpose for _, purpose in chosen.values()):
-            try:
-                resolution = self._resolve(patient)
-            except Exception as exc:  # fail closed: treat as unresolved
-                resolution = Resolution(None, "unknown", f"error: {type(exc).__name__}")
+            resolution = self._resolution(patient)
         decisions: dict[str, tuple[JobState, str, str]] = {}
         jobs = []
         for dest, (route_name, purpose) in chosen.items():
@@ -105,3 +118,18 @@ class Planner:
                 state, hold, note = decisions[purpose]
             jobs.append(JobSpec(dest, route_name, purpose, patient_pk, state, hold, note))
         return Plan(tuple(jobs), resolution)
+
+    def _resolution(self, patient: PatientFacts) -> Resolution:
+        now = self._clock()
+        cached = self._resolved.get(patient)
+        if cached is not None and now - cached[0] < _RESOLUTION_TTL:
+            return cached[1]
+        try:
+            resolution = self._resolve(patient)
+        except Exception as exc:  # fail closed: treat as unresolved
+            return Resolution(None, "unknown", f"error: {type(exc).__name__}")
+        if resolution.status == "matched":
+            if len(self._resolved) >= 1024:
+                self._resolved.clear()
+            self._resolved[patient] = (now, resolution)
+        return resolution

@@ -196,6 +196,22 @@ class JobQueue:
         """The destination acknowledged the instance."""
         return self._finish(job_id, owner, state=JobState.DONE.value, last_error="")
 
+    def complete_many(self, job_ids: Sequence[int], owner: str) -> int:
+        """Several acknowledged jobs recorded in one transaction."""
+        if not job_ids:
+            return 0
+        return self._bulk(
+            [
+                ForwardJob.id.in_(list(job_ids)),
+                ForwardJob.state == JobState.SENDING.value,
+                ForwardJob.lease_owner == owner[:64],
+            ],
+            state=JobState.DONE.value,
+            last_error="",
+            lease_owner="",
+            lease_until=None,
+        )
+
     def retry_later(
         self, job: ClaimedJob, owner: str, error: str, *, permanent: bool = False
     ) -> str:

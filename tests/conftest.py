@@ -699,21 +699,9 @@ def toml_routes(routes: list[dict[str, Any]]) -> str:
 #: Run by TunedServeProcess: ``consentgate serve`` with the retry policy and forwarder
 #: options taken from $CG_TEST_RETRY / $CG_TEST_FORWARD (JSON); the configuration file has
 #: no keys for them.
-_TUNED_SERVE = """
-import functools, json, os, sys
-import router.forwarder, router.queue
-router.queue.RetryPolicy = functools.partial(
-    router.queue.RetryPolicy, **json.loads(os.environ["CG_TEST_RETRY"]))
-router.forwarder.ForwarderOptions = functools.partial(
-    router.forwarder.ForwarderOptions, **json.loads(os.environ["CG_TEST_FORWARD"]))
-from cli.main import main
-sys.argv[0] = "consentgate"
-main()
-"""
-
-
 class TunedServeProcess(ServeProcess):
-    """``consentgate serve`` (the real command) with a fast retry policy and lease."""
+    """``consentgate serve`` (the real command) with a fast retry policy, lease and
+    forwarder tuning, set through the configuration's ``[router]`` table."""
 
     def __init__(
         self,
@@ -724,26 +712,16 @@ class TunedServeProcess(ServeProcess):
         options: ForwarderOptions,
     ) -> None:
         super().__init__(config, http_port, log_path)
-        self.env = dict(os.environ)
-        self.env["CG_TEST_RETRY"] = json.dumps(policy.__dict__)
-        self.env["CG_TEST_FORWARD"] = json.dumps(options.__dict__)
-
-    def start(self, ready_timeout: float = 30.0) -> ServeProcess:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _TUNED_SERVE, "--config", str(self.config), "serve"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self.env,
+        text = config.read_text()
+        if "[router]" not in text:
+            config.write_text(
+                text
+                + "\n[router]\n"
+                + f"max_attempts = {policy.max_attempts}\n"
+                + f"retry_base_delay = {policy.base_delay}\n"
+                + f"retry_max_delay = {policy.max_delay}\n"
+                + f"lease_seconds = {policy.lease_seconds}\n"
+                + f"batch_size = {options.batch_size}\n"
+                + f"poll_interval = {options.poll_interval}\n"
+                + f"idle_release = {options.idle_release}\n"
             )
-        wait_until(
-            lambda: self._ready(), ready_timeout, f"serve to answer /healthz:\n{self.log()}", 0.1
-        )
-        return self
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.log()}")
-        return self.healthz()[0] == 200
