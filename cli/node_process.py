@@ -88,10 +88,11 @@ class NodeProcess:
         """Start forwarders, consent synchronisation and the DICOM node."""
         check_purposes(self.runtime)
         self.runtime.files.prepare()
+        address = self.node.start()  # first: a busy port stops us before any worker runs
         self.sync.sweep()
         self.forwarders.start()
         self._sync_thread.start()
-        return self.node.start()
+        return address
 
     def _on_consent_change(self, change: object) -> None:
         # a change made in this process: poll now rather than at the next interval
