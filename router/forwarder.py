@@ -259,7 +259,8 @@ def _decompressed(path: Path, job: ClaimedJob, link: _Link) -> Any:
         return None
     dataset = dcmread(path)
     if dataset.file_meta.TransferSyntaxUID.is_compressed:
-        dataset.decompress()
+        # same instance, same UID: pydicom would otherwise mint a new SOP Instance UID
+        dataset.decompress(generate_instance_uid=False)
     else:
         dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return dataset
