@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmark scripts: tools, ports, processes, HTTP, statistics.
+"""Shared helpers of the benchmark scripts: tools, ports, processes, HTTP, statistics,
+command line, results files and tables.
 
 Everything here talks to 127.0.0.1 only, and every wait is bounded both in time and in
 number of iterations.
@@ -6,16 +7,19 @@ number of iterations.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -401,3 +405,136 @@ def git_revision() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown (no commit)"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def new_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The argument parser of a benchmark script (its module docstring as description)."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def parse_csv(value: str, allowed: Sequence[str], what: str) -> list[str]:
+    """A comma-separated option value, every item one of ``allowed`` (argparse ``type``)."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"{what}: choose from {', '.join(allowed)}")
+    return items
+
+
+def add_csv_option(p: argparse.ArgumentParser, option: str, allowed: Sequence[str]) -> None:
+    """``option``: a comma-separated subset of ``allowed``, all of them by default."""
+    choices = list(allowed)
+    p.add_argument(
+        option,
+        default=",".join(choices),
+        type=lambda v: parse_csv(v, choices, option),
+        help="comma-separated subset of: " + ", ".join(choices),
+    )
+
+
+def add_output_options(
+    p: argparse.ArgumentParser, benchmark: str, *, tmpdir_help: str, keep_help: str
+) -> None:
+    """``--out``, ``--tmpdir`` and ``--keep-tmp``, common to every benchmark script."""
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"JSON results file (default bench/results/{benchmark}-<timestamp>.json)",
+    )
+    p.add_argument("--tmpdir", type=Path, default=None, help=tmpdir_help)
+    p.add_argument("--keep-tmp", action="store_true", help=keep_help)
+
+
+def run_main(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a script's body; map errors to exit statuses (2: bench error, 130: Ctrl-C)."""
+    try:
+        with terminate_on_sigterm():
+            return body(args)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+@contextlib.contextmanager
+def work_tmpdir(parent: Path | None, prefix: str, *, keep: bool) -> Iterator[Path]:
+    """A fresh temporary working directory, removed at the end unless ``keep``."""
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield tmp
+    finally:
+        if keep:
+            print(f"temporary files kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- results
+
+
+def results_path(out: Path | None, benchmark: str) -> Path:
+    """``out`` or the default ``bench/results/<benchmark>-<timestamp>.json``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return out or BENCH_DIR / "results" / f"{benchmark}-{stamp}.json"
+
+
+def results_header(
+    benchmark: str, args: argparse.Namespace, *, cpus: bool = False
+) -> dict[str, Any]:
+    """The first keys of every results document: what ran, when, where and how."""
+    host: dict[str, Any] = {
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if cpus:
+        host["cpus"] = os.cpu_count()
+    return {
+        "benchmark": benchmark,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": host,
+        "revision": git_revision(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+
+
+def write_results(path: Path, doc: Mapping[str, Any]) -> None:
+    """Write a results document as indented JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def fmt_cell(value: float | None, spec: str) -> str:
+    """``value`` formatted with ``spec`` (e.g. ``"8.2f"``), or a right-aligned ``-``."""
+    width = int(spec.split(".")[0])
+    return f"{'-':>{width}}" if value is None else format(value, spec)
+
+
+def print_table_header(header: str, *, blank_line: bool = True) -> None:
+    """A table's header line underlined with dashes (after an empty line)."""
+    if blank_line:
+        print()
+    print(header)
+    print("-" * len(header))
+
+
+def print_block(lines: Sequence[str]) -> None:
+    """``lines`` after an empty line; nothing at all if there are none."""
+    if lines:
+        print()
+        print("\n".join(lines))

@@ -99,6 +99,28 @@ def _echo_ok(echoscu: str, ae_title: str, port: int) -> bool:
     return out.returncode == 0
 
 
+def wait_http_ok(proc: ManagedProcess, url: str, what: str) -> None:
+    """Wait (bounded) until ``url`` answers 200 while ``proc`` stays alive."""
+    wait_until(
+        lambda: http_get(url)[0] == 200,
+        timeout=START_TIMEOUT,
+        what=what,
+        interval=0.1,
+        alive=proc.check_alive,
+    )
+
+
+def wait_echo_ok(proc: ManagedProcess, echoscu: str, ae_title: str, port: int, name: str) -> None:
+    """Wait (bounded) until the receiver ``name`` answers C-ECHO while ``proc`` stays alive."""
+    wait_until(
+        lambda: _echo_ok(echoscu, ae_title, port),
+        timeout=START_TIMEOUT,
+        what=f"{name} to answer C-ECHO",
+        interval=0.1,
+        alive=proc.check_alive,
+    )
+
+
 # --------------------------------------------------------------------------- storescp
 
 
@@ -141,13 +163,7 @@ class StoreScp(Receiver):
         with ManagedProcess(
             cmd, log_path=workdir / "storescp.log", env=receiver_env(), grace=15
         ) as proc:
-            wait_until(
-                lambda: _echo_ok(echoscu, self.ae_title, port),
-                timeout=START_TIMEOUT,
-                what="storescp to answer C-ECHO",
-                interval=0.1,
-                alive=proc.check_alive,
-            )
+            wait_echo_ok(proc, echoscu, self.ae_title, port, "storescp")
             # The readiness C-ECHO must not leave files behind.
             if any(out_dir.iterdir()):
                 raise BenchError(f"storescp output directory {out_dir} not empty at start")
@@ -236,20 +252,8 @@ class Orthanc(Receiver):
             cwd=workdir,
             grace=30,
         ) as proc:
-            url = f"http://{LOOPBACK}:{http_port}/statistics"
-            wait_until(
-                lambda: http_get(url)[0] == 200,
-                timeout=START_TIMEOUT,
-                what="Orthanc /statistics",
-                interval=0.1,
-                alive=proc.check_alive,
-            )
-            wait_until(
-                lambda: _echo_ok(echoscu, self.ae_title, dicom_port),
-                timeout=START_TIMEOUT,
-                what="Orthanc to answer C-ECHO",
-                alive=proc.check_alive,
-            )
+            wait_http_ok(proc, f"http://{LOOPBACK}:{http_port}/statistics", "Orthanc /statistics")
+            wait_echo_ok(proc, echoscu, self.ae_title, dicom_port, "Orthanc")
             running = _OrthancRunning(dicom_port, proc, http_port)
             if running.count_instances() != 0:
                 raise BenchError("fresh Orthanc does not start empty")
@@ -290,17 +294,38 @@ def consentgate_toml(
     )
 
 
+def consentgate_cli(
+    consentgate: str, config: Path, *args: str, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run ``consentgate --config CONFIG ARGS`` from the repository root, output captured.
+
+    Raises what :func:`subprocess.run` raises (``OSError``, ``TimeoutExpired``); the
+    exit status is the caller's to judge.
+    """
+    return subprocess.run(
+        [consentgate, "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=REPO_ROOT,
+    )
+
+
+@contextmanager
+def serve_consentgate(consentgate: str, config: Path, log_path: Path) -> Iterator[ManagedProcess]:
+    """``consentgate serve`` with the bench's process settings (stopped at the end)."""
+    cmd = [consentgate, "--config", str(config), "serve"]
+    with ManagedProcess(
+        cmd, log_path=log_path, env=receiver_env(), cwd=REPO_ROOT, grace=40
+    ) as proc:
+        yield proc
+
+
 def consentgate_status_count(consentgate: str, config: Path) -> int | None:
     """Instance count printed by ``consentgate status`` (parsed loosely), if any."""
     try:
-        out = subprocess.run(
-            [consentgate, "--config", str(config), "status"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            cwd=REPO_ROOT,
-        )
+        out = consentgate_cli(consentgate, config, "status", timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
@@ -382,14 +407,7 @@ class Consentgate(Receiver):
             ),
             encoding="utf-8",
         )
-        init = subprocess.run(
-            [consentgate, "--config", str(cfg_path), "init"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-            cwd=REPO_ROOT,
-        )
+        init = consentgate_cli(consentgate, cfg_path, "init", timeout=120)
         if init.returncode != 0:
             raise BenchError(
                 f"'consentgate init' exited with status {init.returncode}:\n"
@@ -397,24 +415,9 @@ class Consentgate(Receiver):
             )
         if self.before_serve is not None:
             self.before_serve(consentgate, cfg_path)
-        cmd = [consentgate, "--config", str(cfg_path), "serve"]
-        with ManagedProcess(
-            cmd, log_path=workdir / "consentgate.log", env=receiver_env(), cwd=REPO_ROOT, grace=40
-        ) as proc:
-            url = f"http://{LOOPBACK}:{http_port}/healthz"
-            wait_until(
-                lambda: http_get(url)[0] == 200,
-                timeout=START_TIMEOUT,
-                what="consentgate /healthz",
-                interval=0.1,
-                alive=proc.check_alive,
-            )
-            wait_until(
-                lambda: _echo_ok(echoscu, self.ae_title, dicom_port),
-                timeout=START_TIMEOUT,
-                what="consentgate to answer C-ECHO",
-                alive=proc.check_alive,
-            )
+        with serve_consentgate(consentgate, cfg_path, workdir / "consentgate.log") as proc:
+            wait_http_ok(proc, f"http://{LOOPBACK}:{http_port}/healthz", "consentgate /healthz")
+            wait_echo_ok(proc, echoscu, self.ae_title, dicom_port, "consentgate")
             running = _ConsentgateRunning(dicom_port, proc, data_dir, consentgate, cfg_path)
             if running.count_instances() != 0:
                 raise BenchError("fresh consentgate does not start empty")

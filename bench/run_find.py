@@ -24,40 +24,41 @@ untimed warm-up of each kind. This is a benchmark, not a test.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    BENCH_DIR,
     LOOPBACK,
-    REPO_ROOT,
     BenchError,
-    ManagedProcess,
+    add_output_options,
     find_consentgate,
     find_dcmtk_tool,
     free_ports,
-    git_revision,
-    http_get,
     median,
+    new_parser,
     percentile,
+    print_table_header,
     receiver_env,
+    results_header,
+    results_path,
+    run_main,
     run_timed,
-    terminate_on_sigterm,
     tool_version,
-    wait_until,
+    work_tmpdir,
+    write_results,
 )
-from bench.receivers import consentgate_status_count, consentgate_toml
+from bench.receivers import (
+    consentgate_cli,
+    consentgate_status_count,
+    consentgate_toml,
+    serve_consentgate,
+    wait_http_ok,
+)
 
 FIND_AET = "FINDSCU"
 CG_AET = "CONSENTGATE"
@@ -386,11 +387,7 @@ def time_pynetdicom(port: int, pids: Sequence[str], *, reuse: bool) -> tuple[lis
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(
-        prog="python -m bench.run_find",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = new_parser("python -m bench.run_find", __doc__)
     p.add_argument(
         "--instances", type=int, default=100_000, help="instances in the index (default 100000)"
     )
@@ -398,16 +395,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--series-per-study", type=int, default=2)
     p.add_argument("--instances-per-series", type=int, default=25)
     p.add_argument("--queries", type=int, default=20, help="timed queries per kind")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="JSON results file (default bench/results/find-<timestamp>.json)",
+    add_output_options(
+        p,
+        "find",
+        tmpdir_help="parent of the temporary working directory",
+        keep_help="keep the data dir and logs",
     )
-    p.add_argument(
-        "--tmpdir", type=Path, default=None, help="parent of the temporary working directory"
-    )
-    p.add_argument("--keep-tmp", action="store_true", help="keep the data dir and logs")
     args = p.parse_args(argv)
     for name in (
         "instances",
@@ -433,16 +426,7 @@ def _shape(args: argparse.Namespace) -> Shape:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
-    args = parse_args(argv)
-    try:
-        with terminate_on_sigterm():
-            return _main(args)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_main(_main, parse_args(argv))
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -452,12 +436,8 @@ def _main(args: argparse.Namespace) -> int:
     from config import load_settings
 
     shape = _shape(args)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_path: Path = args.out or BENCH_DIR / "results" / f"find-{stamp}.json"
-    if args.tmpdir is not None:
-        args.tmpdir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="consentgate-bench-find-", dir=args.tmpdir))
-    try:
+    out_path = results_path(args.out, "find")
+    with work_tmpdir(args.tmpdir, "consentgate-bench-find-", keep=args.keep_tmp) as tmp:
         dicom_port, http_port = free_ports(2)
         cfg = tmp / "consentgate.toml"
         finder = (
@@ -477,14 +457,7 @@ def _main(args: argparse.Namespace) -> int:
             ),
             encoding="utf-8",
         )
-        init = subprocess.run(
-            [consentgate, "--config", str(cfg), "init"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-            cwd=REPO_ROOT,
-        )
+        init = consentgate_cli(consentgate, cfg, "init", timeout=120)
         if init.returncode != 0:
             raise BenchError(
                 f"'consentgate init' failed ({init.returncode}):\n"
@@ -510,16 +483,8 @@ def _main(args: argparse.Namespace) -> int:
         pids = [patient_id(min(shape.patients, 1 + k * step)) for k in range(n + 1)]
         warm, timed = pids[0], pids[1:]
 
-        cmd = [consentgate, "--config", str(cfg), "serve"]
-        with ManagedProcess(
-            cmd, log_path=tmp / "consentgate.log", env=receiver_env(), cwd=REPO_ROOT, grace=40
-        ) as proc:
-            wait_until(
-                lambda: http_get(f"http://{LOOPBACK}:{http_port}/healthz")[0] == 200,
-                timeout=30,
-                what="consentgate /healthz",
-                alive=proc.check_alive,
-            )
+        with serve_consentgate(consentgate, cfg, tmp / "consentgate.log") as proc:
+            wait_http_ok(proc, f"http://{LOOPBACK}:{http_port}/healthz", "consentgate /healthz")
             time_findscu(findscu, dicom_port, [warm])
             time_pynetdicom(dicom_port, [warm], reuse=False)
             f_s, f_matches = time_findscu(findscu, dicom_port, timed)
@@ -533,11 +498,6 @@ def _main(args: argparse.Namespace) -> int:
             _timing("pynetdicom find only", r_s, r_matches),
             _timing("echoscu (process floor)", e_s, None),
         ]
-    finally:
-        if args.keep_tmp:
-            print(f"temporary files kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     expected = shape.studies_per_patient
     print(
@@ -545,8 +505,7 @@ def _main(args: argparse.Namespace) -> int:
         f"{shape.instances} instances / {shape.studies} studies; {n} queries each"
     )
     header = f"{'kind':<26} {'median ms':>10} {'p95 ms':>8} {'min ms':>8} {'max ms':>8}  matches"
-    print(header)
-    print("-" * len(header))
+    print_table_header(header, blank_line=False)
     for t in timings:
         m = "-" if t.matches_per_query is None else str(t.matches_per_query)
         print(
@@ -571,15 +530,7 @@ def _main(args: argparse.Namespace) -> int:
     findscu_t = timings[0]
 
     doc = {
-        "benchmark": "find",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": {
-            "machine": platform.machine(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-        "revision": git_revision(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **results_header("find", args),
         "tools": {"findscu": tool_version(findscu), "echoscu": tool_version(echoscu)},
         "index": asdict(shape)
         | {
@@ -594,8 +545,7 @@ def _main(args: argparse.Namespace) -> int:
         "target_met": findscu_t.median_ms < TARGET_MS,
         "results_ok": ok,
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    write_results(out_path, doc)
     print(f"\nresults written to {out_path}")
     return 0 if ok else 1
 

@@ -33,13 +33,11 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -48,20 +46,34 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    BENCH_DIR,
     LOOPBACK,
-    REPO_ROOT,
     BenchError,
+    add_csv_option,
+    add_output_options,
     find_dcmtk_tool,
-    git_revision,
+    fmt_cell,
     http_get_json,
     median,
+    new_parser,
+    print_block,
+    print_table_header,
+    results_header,
+    results_path,
+    run_main,
     sender_env,
-    terminate_on_sigterm,
     tool_version,
     wait_until,
+    work_tmpdir,
+    write_results,
 )
-from bench.receivers import Consentgate, Orthanc, Receiver, RunningReceiver, StoreScp
+from bench.receivers import (
+    Consentgate,
+    Orthanc,
+    Receiver,
+    RunningReceiver,
+    StoreScp,
+    consentgate_cli,
+)
 from bench.run_store import Corpus, build_corpora, storescu_command
 
 SYSTEMS = ("consentgate", "consentgate-consent", "orthanc")
@@ -143,14 +155,7 @@ def read_sop_uids(files: Sequence[Path]) -> list[str]:
 def _cli(consentgate: str, config: Path, *args: str, timeout: float = 120.0) -> str:
     """Run ``consentgate --config CONFIG ARGS``; return stdout, raise on failure."""
     try:
-        out = subprocess.run(
-            [consentgate, "--config", str(config), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            cwd=REPO_ROOT,
-        )
+        out = consentgate_cli(consentgate, config, *args, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"'consentgate {' '.join(args)}' timed out after {timeout:.0f} s") from exc
     if out.returncode != 0:
@@ -662,20 +667,13 @@ def summarize(results: Sequence[RunResult]) -> list[Row]:
     return sorted(rows.values(), key=lambda r: (CORPORA.index(r.corpus), order[r.system]))
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    width = int(spec.split(".")[0])
-    return f"{'-':>{width}}" if value is None else format(value, spec)
-
-
 def print_table(rows: Sequence[Row]) -> None:
     """The human-readable result table."""
     header = (
         f"{'router':<20} {'corpus':<18} {'inst':>5} {'MB':>7} {'e2e s':>8} "
         f"{'inst/s':>7} {'ingest s':>8}  vs orthanc"
     )
-    print()
-    print(header)
-    print("-" * len(header))
+    print_table_header(header)
     for row in rows:
         if row.median_seconds is None:
             ratio = f"FAILED ({row.runs - row.runs_ok}/{row.runs} runs failed)"
@@ -685,8 +683,8 @@ def print_table(rows: Sequence[Row]) -> None:
             ratio = f"{row.ratio_to_orthanc:.2f}x"
         print(
             f"{row.system:<20} {row.label:<18} {row.instances:>5} {row.megabytes:>7.1f} "
-            f"{_fmt(row.median_seconds, '8.2f')} {_fmt(row.instances_per_second, '7.1f')} "
-            f"{_fmt(row.median_ingest_seconds, '8.2f')}  {ratio}"
+            f"{fmt_cell(row.median_seconds, '8.2f')} {fmt_cell(row.instances_per_second, '7.1f')} "
+            f"{fmt_cell(row.median_ingest_seconds, '8.2f')}  {ratio}"
         )
 
 
@@ -719,21 +717,9 @@ def target_checks(rows: Sequence[Row]) -> list[str]:
 # --------------------------------------------------------------------------- main
 
 
-def _csv(value: str, allowed: Sequence[str], what: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in allowed]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(f"{what}: choose from {', '.join(allowed)}")
-    return items
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(
-        prog="python -m bench.run_forward",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = new_parser("python -m bench.run_forward", __doc__)
     p.add_argument("--ct", type=int, default=None, help="CT instances (~0.5 MB), default 1000")
     p.add_argument("--small", type=int, default=None, help="small instances (~10 kB), default 1000")
     p.add_argument("--repeats", type=int, default=None, help="runs per cell (median), default 3")
@@ -742,26 +728,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="defaults --ct 200 --small 500 --repeats 1 (explicit options still win)",
     )
-    p.add_argument(
-        "--systems",
-        default=",".join(SYSTEMS),
-        type=lambda v: _csv(v, SYSTEMS, "--systems"),
-        help="comma-separated subset of: " + ", ".join(SYSTEMS),
+    add_csv_option(p, "--systems", SYSTEMS)
+    add_csv_option(p, "--corpora", CORPORA)
+    add_output_options(
+        p,
+        "forward",
+        tmpdir_help="parent of the working directory",
+        keep_help="keep corpora, logs and data",
     )
-    p.add_argument(
-        "--corpora",
-        default=",".join(CORPORA),
-        type=lambda v: _csv(v, CORPORA, "--corpora"),
-        help="comma-separated subset of: " + ", ".join(CORPORA),
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="JSON results file (default bench/results/forward-<timestamp>.json)",
-    )
-    p.add_argument("--tmpdir", type=Path, default=None, help="parent of the working directory")
-    p.add_argument("--keep-tmp", action="store_true", help="keep corpora, logs and data")
     p.add_argument(
         "--run-timeout",
         type=float,
@@ -796,16 +770,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
-    args = parse_args(argv)
-    try:
-        with terminate_on_sigterm():
-            return _main(args)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_main(_main, parse_args(argv))
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -815,13 +780,9 @@ def _main(args: argparse.Namespace) -> int:
         Orthanc().check_available()
     if any(s.startswith("consentgate") for s in args.systems):
         Consentgate().check_available()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_path: Path = args.out or BENCH_DIR / "results" / f"forward-{stamp}.json"
-    if args.tmpdir is not None:
-        args.tmpdir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="consentgate-fwd-bench-", dir=args.tmpdir))
+    out_path = results_path(args.out, "forward")
     results: list[RunResult] = []
-    try:
+    with work_tmpdir(args.tmpdir, "consentgate-fwd-bench-", keep=args.keep_tmp) as tmp:
         corpora = build_corpora(tmp, args.ct, args.small, args.corpora)
         if not corpora:
             raise BenchError("nothing to send (all corpus counts are 0)")
@@ -905,11 +866,6 @@ def _main(args: argparse.Namespace) -> int:
                         "    router log excerpt:\n      "
                         + "\n      ".join(res.log_excerpt.splitlines())
                     )
-    finally:
-        if args.keep_tmp:
-            print(f"temporary files kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     rows = summarize(results)
     print_table(rows)
@@ -918,9 +874,7 @@ def _main(args: argparse.Namespace) -> int:
         "ingest s: storescu start -> exit)"
     )
     checks = target_checks(rows)
-    if checks:
-        print()
-        print("\n".join(checks))
+    print_block(checks)
     write_json(out_path, args, storescu, results, rows, checks)
     print(f"\nresults written to {out_path}")
     return 0 if results and all(r.ok for r in results) else 1
@@ -936,16 +890,7 @@ def write_json(
 ) -> None:
     """Write the machine-readable results."""
     doc: dict[str, Any] = {
-        "benchmark": "forward",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": {
-            "machine": platform.machine(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-        },
-        "revision": git_revision(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **results_header("forward", args, cpus=True),
         "tools": {
             "storescu": {"path": storescu, "version": tool_version(storescu)},
             "storescp": StoreScp().version(),
@@ -963,8 +908,7 @@ def write_json(
         "targets": list(checks),
         "runs": [asdict(r) for r in results],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    write_results(path, doc)
 
 
 if __name__ == "__main__":

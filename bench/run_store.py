@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,18 +29,26 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    BENCH_DIR,
     LOOPBACK,
     SENDER_AET,
     BenchError,
+    add_csv_option,
+    add_output_options,
     find_dcmtk_tool,
-    git_revision,
+    fmt_cell,
     median,
+    new_parser,
+    print_block,
+    print_table_header,
+    results_header,
+    results_path,
+    run_main,
     run_timed,
     sender_env,
-    terminate_on_sigterm,
     tool_version,
     wait_until,
+    work_tmpdir,
+    write_results,
 )
 from bench.receivers import RECEIVERS, Receiver
 
@@ -191,6 +196,20 @@ class Row:
     all_seconds: list[float] = field(default_factory=list)
 
 
+def failed_run(rx: Receiver, corpus: Corpus, mode: str, repeat: int, error: str) -> RunResult:
+    """A run that did not take place or whose receiver failed."""
+    return RunResult(
+        rx.name,
+        corpus.name,
+        corpus.label,
+        mode,
+        repeat,
+        corpus.count,
+        corpus.total_bytes,
+        error=error,
+    )
+
+
 def storescu_command(storescu: str, receiver_aet: str, port: int, corpus: Corpus) -> list[str]:
     """storescu sending every file of ``corpus`` over one association."""
     return [
@@ -301,20 +320,13 @@ def summarize(results: Sequence[RunResult]) -> list[Row]:
     return list(rows.values())
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    width = int(spec.split(".")[0])
-    return f"{'-':>{width}}" if value is None else format(value, spec)
-
-
 def print_table(rows: Sequence[Row]) -> None:
     """The human-readable result table."""
     header = (
         f"{'receiver':<12} {'corpus':<18} {'mode':<8} {'inst':>5} {'MB':>7} "
         f"{'median s':>9} {'inst/s':>8} {'MB/s':>7}  {'vs storescp'}"
     )
-    print()
-    print(header)
-    print("-" * len(header))
+    print_table_header(header)
     for row in rows:
         if row.median_seconds is None:
             ratio = f"FAILED ({row.runs - row.runs_ok}/{row.runs} runs failed)"
@@ -324,9 +336,9 @@ def print_table(rows: Sequence[Row]) -> None:
             ratio = f"{row.ratio_to_storescp:.2f}x storescp"
         print(
             f"{row.receiver:<12} {row.label:<18} {row.mode:<8} {row.instances:>5} "
-            f"{row.megabytes:>7.1f} {_fmt(row.median_seconds, '9.3f')} "
-            f"{_fmt(row.instances_per_second, '8.1f')} "
-            f"{_fmt(row.megabytes_per_second, '7.1f')}  {ratio}"
+            f"{row.megabytes:>7.1f} {fmt_cell(row.median_seconds, '9.3f')} "
+            f"{fmt_cell(row.instances_per_second, '8.1f')} "
+            f"{fmt_cell(row.megabytes_per_second, '7.1f')}  {ratio}"
         )
 
 
@@ -366,21 +378,9 @@ def target_checks(rows: Sequence[Row]) -> list[str]:
 # --------------------------------------------------------------------------- main
 
 
-def _csv(value: str, allowed: Sequence[str], what: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in allowed]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(f"{what}: choose from {', '.join(allowed)}")
-    return items
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(
-        prog="python -m bench.run_store",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = new_parser("python -m bench.run_store", __doc__)
     p.add_argument("--ct", type=int, default=300, help="CT instances (~0.5 MB each)")
     p.add_argument("--small", type=int, default=1000, help="small instances (~10 kB each)")
     p.add_argument("--repeats", type=int, default=3, help="runs per cell; median reported")
@@ -390,37 +390,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=200,
         help="instances sent per corpus in nagle mode (default 200)",
     )
-    p.add_argument(
-        "--receivers",
-        default=",".join(RECEIVERS),
-        type=lambda v: _csv(v, list(RECEIVERS), "--receivers"),
-        help="comma-separated subset of: " + ", ".join(RECEIVERS),
-    )
-    p.add_argument(
-        "--modes",
-        default=",".join(MODES),
-        type=lambda v: _csv(v, MODES, "--modes"),
-        help="comma-separated subset of: " + ", ".join(MODES),
-    )
-    p.add_argument(
-        "--corpora",
-        default=",".join(CORPORA),
-        type=lambda v: _csv(v, CORPORA, "--corpora"),
-        help="comma-separated subset of: " + ", ".join(CORPORA),
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="JSON results file (default bench/results/store-<timestamp>.json)",
-    )
-    p.add_argument(
-        "--tmpdir", type=Path, default=None, help="parent of the temporary working directory"
-    )
-    p.add_argument(
-        "--keep-tmp",
-        action="store_true",
-        help="keep corpora, receiver logs and data for inspection",
+    add_csv_option(p, "--receivers", list(RECEIVERS))
+    add_csv_option(p, "--modes", MODES)
+    add_csv_option(p, "--corpora", CORPORA)
+    add_output_options(
+        p,
+        "store",
+        tmpdir_help="parent of the temporary working directory",
+        keep_help="keep corpora, receiver logs and data for inspection",
     )
     p.add_argument(
         "--run-timeout",
@@ -446,16 +423,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
-    args = parse_args(argv)
-    try:
-        with terminate_on_sigterm():
-            return _main(args)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_main(_main, parse_args(argv))
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -463,14 +431,10 @@ def _main(args: argparse.Namespace) -> int:
     receivers = [RECEIVERS[name]() for name in args.receivers]
     for rx in receivers:
         rx.check_available()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_path: Path = args.out or BENCH_DIR / "results" / f"store-{stamp}.json"
-    if args.tmpdir is not None:
-        args.tmpdir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="consentgate-bench-", dir=args.tmpdir))
+    out_path = results_path(args.out, "store")
     results: list[RunResult] = []
     broken: dict[str, str] = {}
-    try:
+    with work_tmpdir(args.tmpdir, "consentgate-bench-", keep=args.keep_tmp) as tmp:
         corpora = build_corpora(tmp, args.ct, args.small, args.corpora)
         if not corpora:
             raise BenchError("nothing to send (all corpus counts are 0)")
@@ -493,18 +457,7 @@ def _main(args: argparse.Namespace) -> int:
                 f"rep {rep + 1}/{args.repeats} {rx.name:<11}"
             )
             if rx.name in broken:
-                results.append(
-                    RunResult(
-                        rx.name,
-                        corpus.name,
-                        corpus.label,
-                        mode,
-                        rep,
-                        corpus.count,
-                        corpus.total_bytes,
-                        error=f"skipped: {broken[rx.name]}",
-                    )
-                )
+                results.append(failed_run(rx, corpus, mode, rep, f"skipped: {broken[rx.name]}"))
                 print(f"{prefix} skipped (receiver failed to start earlier)", flush=True)
                 continue
             timeout = args.run_timeout or 120.0 + 1.0 * corpus.count
@@ -522,16 +475,7 @@ def _main(args: argparse.Namespace) -> int:
                 )
             except BenchError as exc:
                 broken[rx.name] = str(exc).splitlines()[0]
-                res = RunResult(
-                    rx.name,
-                    corpus.name,
-                    corpus.label,
-                    mode,
-                    rep,
-                    corpus.count,
-                    corpus.total_bytes,
-                    error=str(exc),
-                )
+                res = failed_run(rx, corpus, mode, rep, str(exc))
                 print(f"{prefix} RECEIVER FAILED: {exc}", flush=True)
             finally:
                 if not args.keep_tmp:
@@ -544,11 +488,6 @@ def _main(args: argparse.Namespace) -> int:
                     f"inst/s  {status}",
                     flush=True,
                 )
-    finally:
-        if args.keep_tmp:
-            print(f"temporary files kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     rows = summarize(results)
     print_table(rows)
@@ -558,9 +497,7 @@ def _main(args: argparse.Namespace) -> int:
             "receivers always run with TCP_NODELAY=1)"
         )
     checks = target_checks(rows)
-    if checks:
-        print()
-        print("\n".join(checks))
+    print_block(checks)
     write_json(out_path, args, receivers, storescu, results, rows, checks)
     print(f"\nresults written to {out_path}")
     return 0 if all(r.ok for r in results) else 1
@@ -577,15 +514,7 @@ def write_json(
 ) -> None:
     """Write the machine-readable results."""
     doc: dict[str, Any] = {
-        "benchmark": "store",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": {
-            "machine": platform.machine(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-        "revision": git_revision(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **results_header("store", args),
         "sender": {"tool": storescu, "version": tool_version(storescu)},
         "receivers": {rx.name: rx.version() for rx in receivers},
         "notes": [
@@ -599,8 +528,7 @@ def write_json(
         "targets": list(checks),
         "runs": [asdict(r) for r in results],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    write_results(path, doc)
 
 
 if __name__ == "__main__":
