@@ -56,6 +56,7 @@ class Runtime:
 
     def close(self) -> None:
         """Release the database connections."""
+        self.consent.close()
         self.engine.dispose()
 
 

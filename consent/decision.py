@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import Engine, bindparam, select
+from sqlalchemy import Engine, bindparam, create_engine, select
 from sqlalchemy.sql import Select
 
 from consent.models import ConsentState, Patient
@@ -112,10 +112,23 @@ def state_query(many: bool) -> Select[Any]:
 class StateReader:
     """Runs the decision lookup on a pooled DBAPI connection, one statement per call.
 
-    Thread-safe: each call checks a connection out of the engine's pool and returns it.
+    Thread-safe: each call checks a connection out of a pool and returns it. On PostgreSQL
+    the reader has its own small pool of autocommit connections without pre-ping or reset
+    on return, so a decision is one round trip; a connection that went stale is discarded
+    and the lookup tried once more.
     """
 
     def __init__(self, engine: Engine) -> None:
+        if engine.dialect.name == "postgresql":
+            engine = create_engine(
+                engine.url,
+                isolation_level="AUTOCOMMIT",
+                pool_pre_ping=False,
+                pool_reset_on_return=None,
+                pool_size=4,
+                max_overflow=16,
+            )
+        self._own_engine = engine.dialect.name == "postgresql"
         self._engine = engine
         compiled = state_query(False).compile(dialect=engine.dialect)
         self._sql = compiled.string
@@ -128,8 +141,19 @@ class StateReader:
             return values
         return tuple(values[name] for name in self._positional)
 
+    def close(self) -> None:
+        """Release the reader's own connections (PostgreSQL)."""
+        if self._own_engine:
+            self._engine.dispose()
+
     def lookup(self, patient_pk: int, purpose_pk: int) -> tuple[bool, str | None]:
         """Return ``(patient exists, stored decision or None)``."""
+        try:
+            return self._lookup(patient_pk, purpose_pk)
+        except self._engine.dialect.loaded_dbapi.OperationalError:
+            return self._lookup(patient_pk, purpose_pk)  # the stale connection is gone
+
+    def _lookup(self, patient_pk: int, purpose_pk: int) -> tuple[bool, str | None]:
         connection = self._engine.raw_connection()
         try:
             cursor = connection.cursor()
@@ -140,6 +164,9 @@ class StateReader:
                 row = cursor.fetchone()
             finally:
                 cursor.close()
+        except self._engine.dialect.loaded_dbapi.OperationalError:
+            connection.invalidate()  # never handed out again
+            raise
         finally:
             connection.close()
         if row is None:

@@ -1157,6 +1157,10 @@ class ConsentStore:
 
     # ------------------------------------------------------------------ decisions
 
+    def close(self) -> None:
+        """Release connections the store holds of its own (the decision reader's)."""
+        self._reader.close()
+
     def decide(self, patient_pk: int | None, purpose_code: str) -> Decision:
         """May this patient's data be used for this purpose now? Never raises.
 
