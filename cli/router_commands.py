@@ -159,11 +159,17 @@ def queue_retry(
     actor = _actor(by)
     with _runtime(ctx) as runtime:
         count = runtime.queue.retry_jobs(None if all_failed else list(job_ids))
-        runtime.consent.audit(
-            actor=actor,
-            action="queue.retry",
-            target="router_job",
-            details={"jobs": list(job_ids) or "all-failed", "count": count},
+        if count or all_failed:
+            runtime.consent.audit(
+                actor=actor,
+                action="queue.retry",
+                target="router_job",
+                details={"jobs": list(job_ids) or "all-failed", "count": count},
+            )
+    if job_ids and not all_failed and count < len(job_ids):
+        raise _error(
+            f"{count} of {len(job_ids)} job(s) queued again: the others are unknown or "
+            "not failed (only failed jobs can be retried)"
         )
     click.echo(f"{count} job(s) queued again")
 
@@ -178,11 +184,17 @@ def queue_drop(ctx: click.Context, job_ids: tuple[int, ...], reason: str, by: st
     actor = _actor(by)
     with _runtime(ctx) as runtime:
         count = runtime.queue.drop_jobs(list(job_ids), f"dropped by {actor}: {reason}")
-        runtime.consent.audit(
-            actor=actor,
-            action="queue.drop",
-            target="router_job",
-            details={"jobs": list(job_ids), "count": count, "reason": reason},
+        if count:
+            runtime.consent.audit(
+                actor=actor,
+                action="queue.drop",
+                target="router_job",
+                details={"jobs": list(job_ids), "count": count, "reason": reason},
+            )
+    if count < len(job_ids):
+        raise _error(
+            f"{count} of {len(job_ids)} job(s) dropped: the others are unknown, sent or "
+            "already dropped"
         )
     click.echo(f"{count} job(s) dropped")
 

@@ -299,6 +299,12 @@ def test_queue_stats_list_retry_drop(env: Env) -> None:
     held = [j.id for j in queue.list_jobs(state="held")]
     out = ok(env.run("queue", "drop", held[0], "--reason", "sent on CD", "--by", "alice"))
     assert out.strip() == "1 job(s) dropped"
+    # an id that names no droppable job (already dropped, or unknown) is an error
+    again = env.run("queue", "drop", held[0], 999999, "--reason", "again", "--by", "alice")
+    assert again.exit_code == 1
+    assert "0 of 2 job(s) dropped" in again.output and "Traceback" not in again.output
+    unknown = env.run("queue", "retry", 999999, "--by", "alice")
+    assert unknown.exit_code == 1 and "only failed jobs can be retried" in unknown.output
     dropped = next(j for j in queue.list_jobs(state="dropped") if j.id == held[0])
     assert "sent on CD" in dropped.last_error and "alice" in dropped.last_error
     with env.runtime.sessions() as session:
