@@ -75,6 +75,14 @@ class RetryPolicy:
 _OPEN_STATES = (JobState.READY.value, JobState.HELD.value)
 
 
+def _claimable(now: datetime) -> Any:
+    """Ready and due, or claimed under a lease that has expired (its node died)."""
+    return or_(
+        and_(ForwardJob.state == JobState.READY.value, ForwardJob.next_attempt_at <= now),
+        and_(ForwardJob.state == JobState.SENDING.value, ForwardJob.lease_until < now),
+    )
+
+
 class JobQueue:
     """The forward queue in the database."""
 
@@ -130,16 +138,7 @@ class JobQueue:
                     select(ForwardJob.id)
                     .where(
                         ForwardJob.destination == destination,
-                        or_(
-                            and_(
-                                ForwardJob.state == JobState.READY.value,
-                                ForwardJob.next_attempt_at <= now,
-                            ),
-                            and_(
-                                ForwardJob.state == JobState.SENDING.value,
-                                ForwardJob.lease_until < now,
-                            ),
-                        ),
+                        _claimable(now),
                     )
                     .order_by(ForwardJob.id)
                     .limit(limit)
@@ -375,26 +374,3 @@ class JobQueue:
             state=JobState.DROPPED.value,
             last_error=reason[:255],
         )
-
-    def destinations_with_work(self) -> set[str]:
-        """Destinations that have a job ready now or a stale lease."""
-        now = self._clock()
-        with self._sessions() as session:
-            return set(
-                session.scalars(
-                    select(ForwardJob.destination)
-                    .where(
-                        or_(
-                            and_(
-                                ForwardJob.state == JobState.READY.value,
-                                ForwardJob.next_attempt_at <= now,
-                            ),
-                            and_(
-                                ForwardJob.state == JobState.SENDING.value,
-                                ForwardJob.lease_until < now,
-                            ),
-                        )
-                    )
-                    .distinct()
-                )
-            )
