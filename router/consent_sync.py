@@ -5,6 +5,9 @@ every not-yet-sent one (deny, withdrawal). Changes made in this process arrive t
 consent store's listeners; changes made by another process (the CLI, another node) are
 picked up by polling the consent event log. A periodic sweep re-decides every held job,
 so a missed notification (a crash between commit and reaction) is repaired.
+
+After a refusal or withdrawal has dropped jobs, the retention policy (``[router]
+retention``, :mod:`router.retention`) may delete the local copies no job needs any more.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from consent.decision import ConsentChange, Outcome
 from router.decisions import Decide, failed
 from router.models import ForwardJob, HoldReason, JobState
 from router.queue import JobQueue
+from router.retention import Retention
 
 LOG = logging.getLogger(__name__)
 
@@ -34,8 +38,10 @@ class ConsentSync:
         changes_since: Callable[[int], list[ConsentChange]],
         last_event_id: Callable[[], int],
         wake: Callable[[], None] = lambda: None,
+        retention: Retention | None = None,
     ) -> None:
         self._queue = queue
+        self._retention = retention
         self._sessions = sessions
         self._decide = decide
         self._changes_since = changes_since
@@ -50,9 +56,11 @@ class ConsentSync:
                 self._wake()
             return count
         if change.outcome is Outcome.DENY:
-            return self._queue.drop_for_consent(
-                change.patient_pk, change.purpose_code, "consent refused or withdrawn"
-            )
+            reason = "consent refused or withdrawn"
+            count = self._queue.drop_for_consent(change.patient_pk, change.purpose_code, reason)
+            if self._retention is not None:
+                _apply_retention(self._retention, change, reason)
+            return count
         return 0
 
     def poll(self) -> int:
@@ -84,3 +92,13 @@ class ConsentSync:
             if decision.outcome is not Outcome.UNDECIDED and not failed(decision):
                 affected += self.apply(ConsentChange(patient_pk, purpose, decision.outcome))
         return affected
+
+
+def _apply_retention(retention: Retention, change: ConsentChange, reason: str) -> None:
+    """Delete the local copies the refusal left unneeded (per the policy). A failure keeps
+    them and never stops consent changes from reaching the queue; the next refusal or
+    withdrawal applied for this patient and purpose tries again."""
+    try:
+        retention.after_consent_drop(change.patient_pk, change.purpose_code, reason)
+    except Exception as exc:
+        LOG.error("retention after a consent refusal failed: %s", type(exc).__name__)

@@ -137,8 +137,8 @@ class ArchiveIndex:
                 _add_modality(conn, study_pk, header.modality)
             if on_inserted is not None:
                 on_inserted(conn, instance_id)
-        # remembered only once committed; index rows are never deleted, so a remembered
-        # key stays valid (a retention feature that deletes rows must clear this)
+        # remembered only once committed; only retention deletes index rows, and it calls
+        # forget_parents() once it has (router.retention)
         if len(self._parents) >= _PARENT_CACHE_SIZE:
             self._parents.clear()
         self._parents[header.series_instance_uid] = (study_pk, series_pk)
@@ -209,6 +209,14 @@ class ArchiveIndex:
                 "instances": session.scalar(select(func.count(Instance.id))) or 0,
                 "bytes": session.scalar(select(func.coalesce(func.sum(Instance.size), 0))) or 0,
             }
+
+    def forget_parents(self) -> None:
+        """Drop the remembered series -> (study, series) keys.
+
+        Call it after deleting index rows (retention): a remembered key may name a deleted
+        series, and the next instance of that series would be inserted under it.
+        """
+        self._parents.clear()
 
 
 def _insert_for(conn: Connection) -> Callable[..., Any]:
