@@ -170,6 +170,7 @@ def serve(app: AppContext) -> None:
     """Run the DICOM node and the /healthz + /metrics endpoint until SIGTERM or SIGINT."""
     from cli.node_process import ConfigurationMismatch, NodeProcess, check_purposes
     from cli.ops_http import OpsServer
+    from dicom_node.archive.journal import JournalError
 
     settings = app.settings
     runtime = app.runtime()
@@ -195,6 +196,10 @@ def serve(app: AppContext) -> None:
         ) from None
     try:
         host, port = node.start()
+    except JournalError as exc:
+        ops.stop()
+        runtime.close()
+        raise CliError(f"cannot open the ingest journal: {exc.strerror}") from None
     except OSError as exc:
         ops.stop()
         raise CliError(

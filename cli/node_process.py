@@ -1,8 +1,9 @@
 """Everything ``consentgate serve`` runs, started and stopped in the right order.
 
-Start: archive directories, DICOM node, forwarders, consent synchronisation, HTTP
-endpoint. Stop: stop accepting associations and let in-flight ones finish, then stop the
-forwarders (their claimed-but-unsent jobs go back to the queue), then the rest.
+Start: archive directories and ingest journal (replayed after a crash), DICOM node,
+forwarders, consent synchronisation, HTTP endpoint. Stop: stop accepting associations and
+let in-flight ones finish, then stop the forwarders (their claimed-but-unsent jobs go back
+to the queue), then the rest; last, the journal's final checkpoint.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import logging
 import threading
 from collections.abc import Iterable
 
-from cli.runtime import Runtime, build_node
+from cli.runtime import Ingest, Runtime, build_node
 from router.consent_sync import ConsentSync
 from router.forwarder import ForwarderOptions, ForwarderPool
+from router.retention import Retention
 
 LOG = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class NodeProcess:
         sync_interval = tuning.consent_poll_interval if sync_interval is None else sync_interval
         sweep_interval = tuning.consent_sweep_interval if sweep_interval is None else sweep_interval
         self.runtime = runtime
+        self.ingest = Ingest(runtime)
         self.node = build_node(runtime)
         self.forwarders = ForwarderPool(
             runtime.settings,
@@ -73,6 +76,12 @@ class NodeProcess:
             runtime.consent.changes_since,
             runtime.consent.last_event_id,
             wake=self.forwarders.wake,
+            retention=Retention(
+                tuning.retention,
+                runtime.sessions,
+                runtime.files,
+                forget_parents=runtime.index.forget_parents,
+            ),
         )
         self._sync_interval = sync_interval
         self._sweep_interval = sweep_interval
@@ -87,8 +96,12 @@ class NodeProcess:
     def start(self) -> tuple[str, int]:
         """Start forwarders, consent synchronisation and the DICOM node."""
         check_purposes(self.runtime)
-        self.runtime.files.prepare()
-        address = self.node.start()  # first: a busy port stops us before any worker runs
+        self.ingest.start()  # replay what a crash left before anything is received
+        try:
+            address = self.node.start()  # a busy port stops us before any worker runs
+        except BaseException:
+            self.ingest.stop()
+            raise
         self.sync.sweep()
         self.forwarders.start()
         self._sync_thread.start()
@@ -121,4 +134,5 @@ class NodeProcess:
         self.forwarders.stop()
         if self._sync_thread.is_alive():
             self._sync_thread.join(timeout=5)
+        self.ingest.stop()
         return aborted

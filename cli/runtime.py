@@ -17,7 +17,10 @@ from config.settings import Settings
 from consent.decision import Resolution
 from consent.service import ConsentStore
 from dicom_node.archive.files import InstanceFiles
+from dicom_node.archive.flusher import JournalFlusher
 from dicom_node.archive.index import ArchiveIndex
+from dicom_node.archive.journal import IngestJournal
+from dicom_node.archive.recovery import ReplayReport, replay_journal
 from dicom_node.archive.service import Archive
 from dicom_node.contexts import supported_contexts
 from dicom_node.handlers import NodeHandlers
@@ -53,6 +56,7 @@ class Runtime:
     planner: Planner
     wakeups: Wakeups
     gate: AccessGate
+    journal: IngestJournal | None = None
 
     def close(self) -> None:
         """Release the database connections."""
@@ -125,7 +129,50 @@ def build_runtime(settings: Settings) -> Runtime:
         planner=planner,
         wakeups=wakeups,
         gate=AccessGate(resolve_archived, consent.decide),
+        journal=(
+            IngestJournal(node.data_dir / "journal", node.journal_segment_mb * 1024 * 1024)
+            if node.journal_segment_mb
+            else None
+        ),
     )
+
+
+class Ingest:
+    """The receiving side of a serving process: archive directories and ingest journal.
+
+    :meth:`start` prepares the archive directories, takes the journal lock, replays what a
+    crash left in the journal and attaches the journal to the archive; :meth:`stop`
+    makes every received file durable and frees the journal.
+    """
+
+    def __init__(self, runtime: Runtime, flush_interval: float = 0.5) -> None:
+        self._runtime = runtime
+        self._flusher: JournalFlusher | None = None
+        self._flush_interval = flush_interval
+        self.leftover_staging_files = 0
+        self.replay: ReplayReport | None = None
+
+    def start(self) -> None:
+        """Prepare, replay, attach (before the node accepts any association)."""
+        runtime = self._runtime
+        self.leftover_staging_files = runtime.files.prepare()
+        journal = runtime.journal
+        if journal is None:
+            return
+        journal.lock()
+        self.replay = replay_journal(journal, runtime.files, runtime.index)
+        journal.start()
+        runtime.archive.attach_journal(journal)
+        self._flusher = JournalFlusher(journal, self._flush_interval)
+        self._flusher.start()
+
+    def stop(self) -> None:
+        """Final checkpoint: every file durable, journal segments free, lock released."""
+        if self._flusher is not None:
+            self._flusher.stop()
+            self._flusher = None
+        if self._runtime.journal is not None:
+            self._runtime.journal.close()
 
 
 def check_schema(runtime: Runtime) -> None:

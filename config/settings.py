@@ -22,6 +22,9 @@ ENV_VAR = "CONSENTGATE_CONFIG"
 SERVICES = frozenset({"echo", "store", "find", "move", "get"})
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 _DUPLICATE_POLICIES = ("keep",)
+#: ``[router] retention``: what happens to the local copy of instances whose jobs a consent
+#: refusal or withdrawal dropped (see :mod:`router.retention`).
+RETENTION_POLICIES = ("keep", "delete-unneeded")
 
 
 class ConfigError(ValueError):
@@ -46,6 +49,7 @@ class NodeSettings:
     network_timeout: float = 60.0
     shutdown_grace: float = 30.0
     on_duplicate: str = "keep"
+    journal_segment_mb: int = 64
 
     @property
     def effective_database_url(self) -> str:
@@ -68,6 +72,7 @@ class RouterSettings:
     idle_release: float = 5.0
     consent_poll_interval: float = 1.0
     consent_sweep_interval: float = 30.0
+    retention: str = "keep"
 
 
 @dataclass(frozen=True)
@@ -249,6 +254,9 @@ def _parse_router(tbl: Mapping[str, Any], source: str) -> RouterSettings:
         consent_sweep_interval=_float(
             tbl, "consent_sweep_interval", defaults.consent_sweep_interval, source, "router"
         ),
+        retention=_choice(
+            tbl, "retention", defaults.retention, RETENTION_POLICIES, source, "router"
+        ),
     )
     if router.retry_max_delay < router.retry_base_delay:
         raise ConfigError(f"{source}: router.retry_max_delay must be >= router.retry_base_delay")
@@ -280,6 +288,9 @@ def _parse_node(tbl: Mapping[str, Any], source: str, base_dir: Path) -> NodeSett
         shutdown_grace=_float(tbl, "shutdown_grace", defaults.shutdown_grace, source, "node"),
         on_duplicate=_choice(
             tbl, "on_duplicate", defaults.on_duplicate, _DUPLICATE_POLICIES, source, "node"
+        ),
+        journal_segment_mb=_int(
+            tbl, "journal_segment_mb", defaults.journal_segment_mb, source, "node", 0, 4096
         ),
     )
     if node.database_url and not node.database_url.startswith(("sqlite", "postgresql")):

@@ -26,7 +26,7 @@ import psycopg
 import pytest
 
 from cli.database import upgrade
-from cli.runtime import Runtime, build_node, build_runtime
+from cli.runtime import Ingest, Runtime, build_node, build_runtime
 from config.settings import NodeSettings, PeerSettings, RouteSettings, Settings
 from consent.service import ConsentStore
 from dicom_node.server import DicomNode
@@ -115,20 +115,33 @@ class RunningNode:
     node: DicomNode
     host: str
     port: int
+    ingest: Ingest
 
     @property
     def ae_title(self) -> str:
         return self.settings.node.ae_title
 
+    def stop(self, grace: float = 2.0) -> None:
+        """Stop the node, then make the journalled files durable and free the journal."""
+        try:
+            self.node.stop(grace=grace)
+        finally:
+            self.ingest.stop()
+
 
 def start_node(settings: Settings) -> RunningNode:
     """Initialise the database and archive, then start the DICOM node."""
     runtime = build_runtime(settings)
-    runtime.files.prepare()
     upgrade(runtime.engine)
+    ingest = Ingest(runtime)
+    ingest.start()
     node = build_node(runtime)
-    host, port = node.start()
-    return RunningNode(settings, runtime, node, host, port)
+    try:
+        host, port = node.start()
+    except BaseException:
+        ingest.stop()
+        raise
+    return RunningNode(settings, runtime, node, host, port, ingest)
 
 
 @pytest.fixture
@@ -138,7 +151,7 @@ def running_node(tmp_path: Path, db_url: str) -> Iterator[RunningNode]:
     try:
         yield running
     finally:
-        running.node.stop(grace=2.0)
+        running.stop()
         running.runtime.close()
 
 

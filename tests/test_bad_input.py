@@ -122,7 +122,7 @@ def quick_node(tmp_path: Path, db_url: str) -> Iterator[RunningNode]:
     try:
         yield running
     finally:
-        running.node.stop(grace=2.0)
+        running.stop()
         running.runtime.close()
 
 

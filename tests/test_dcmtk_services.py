@@ -100,7 +100,7 @@ def node_expecting_modality_elsewhere(tmp_path: Path, db_url: str) -> Iterator[R
     try:
         yield running
     finally:
-        running.node.stop(grace=2.0)
+        running.stop()
         running.runtime.close()
 
 

@@ -102,7 +102,7 @@ def qr(tmp_path: Path, db_url: str) -> Iterator[QrSetup]:
         send_storescu(node.host, node.port, [f.path for fs in studies.values() for f in fs])
         yield QrSetup(node, qr_port, pacs.port, studies, tmp_path)
     finally:
-        node.node.stop(grace=2.0)
+        node.stop()
         node.runtime.close()
 
 

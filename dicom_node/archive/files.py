@@ -81,6 +81,27 @@ class InstanceFiles:
             raise
         return path, size
 
+    def write_unsynced(
+        self, relative_path: str, chunks: Sequence[bytes | bytearray | memoryview]
+    ) -> int:
+        """Write ``chunks`` straight to the file's final place, without any sync.
+
+        Only for a file whose bytes are already durable elsewhere (the ingest journal);
+        returns the size written. A failed write removes what it left.
+        """
+        if not self._layout_ready:
+            self._create_layout()
+        final = self.root / relative_path
+        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_CLOEXEC, 0o644)
+        try:
+            try:
+                return _write_all(fd, chunks)
+            finally:
+                os.close(fd)
+        except BaseException:
+            final.unlink(missing_ok=True)
+            raise
+
     def commit(self, staged: Path, relative_path: str) -> None:
         """Atomically move a staged file to its final place and make the rename durable."""
         if not self._layout_ready:

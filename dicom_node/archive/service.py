@@ -3,8 +3,12 @@
 Order of operations (an acknowledged instance is never lost, a refused one leaves nothing):
 
 1. parse the header from the received bytes (no pixel decoding) and validate its UIDs;
-2. write preamble + file meta + the bytes as received to a staging file, fsync;
-3. under a per-UID lock: rename into place, fsync the directory, commit the index row;
+2. under a per-UID lock, unless the instance is already archived: make preamble + file
+   meta + the bytes as received durable, either through the ingest journal (one data
+   sync, then the file written at its place; see :mod:`dicom_node.archive.journal`) or,
+   without a journal or for a file too large for it, as a staging file (fsync, rename,
+   directory fsync);
+3. commit the index row (and the router's jobs, in the same transaction);
 4. only then does the caller answer success.
 """
 
@@ -30,10 +34,13 @@ from dicom_node.archive.header import (
     parse_header,
 )
 from dicom_node.archive.index import ArchiveIndex
+from dicom_node.archive.journal import IngestJournal
 from dicom_node.errors import InvalidInstance, StorageFailure
 from dicom_node.uids import is_valid_uid
 
 LOG = logging.getLogger(__name__)
+
+Buffer = bytes | bytearray | memoryview
 
 
 class StoreOutcome(Enum):
@@ -107,6 +114,7 @@ class Archive:
         self.hook = hook
         self._keywords = hook.keywords() if hook is not None else frozenset()
         self._locks = _StripedLocks()
+        self._journal: IngestJournal | None = None
 
     def store(
         self,
@@ -155,21 +163,13 @@ class Archive:
         prepared = (
             hook.prepare(parsed, header, calling_ae, default_issuer) if hook is not None else None
         )
-        try:
-            staged, size = self.files.stage((meta, dataset))
-        except OSError as exc:
-            raise StorageFailure(f"cannot write staging file ({exc.strerror})") from None
-
+        chunks = (meta, dataset)
+        size = len(meta) + len(dataset)
         relative = self.files.relative_path_for(header.sop_instance_uid)
         with self._locks.for_key(header.sop_instance_uid):
             if self._already_stored(header.sop_instance_uid):
-                self.files.discard(staged)
                 return StoreResult(StoreOutcome.DUPLICATE, header, size)
-            try:
-                self.files.commit(staged, relative)
-            except OSError as exc:
-                self.files.discard(staged)
-                raise StorageFailure(f"cannot place file ({exc.strerror})") from None
+            self._place(header.sop_instance_uid, relative, chunks)
             on_inserted = None
             if hook is not None and prepared is not None:
 
@@ -193,6 +193,37 @@ class Archive:
         if hook is not None and prepared is not None:
             hook.committed(prepared)
         return StoreResult(StoreOutcome.STORED, header, size)
+
+    def attach_journal(self, journal: IngestJournal) -> None:
+        """Store through ``journal`` from now on (once it has been replayed and started)."""
+        self._journal = journal
+
+    def _place(self, sop_instance_uid: str, relative: str, chunks: tuple[bytes, Buffer]) -> None:
+        """Put the file at ``relative`` durably: through the journal when one is attached
+        and the file fits in a record, else fsync + rename + directory fsync."""
+        journal = self._journal
+        size = len(chunks[0]) + len(chunks[1])
+        try:
+            if journal is not None and size <= journal.max_payload:
+                ticket = journal.append(sop_instance_uid, relative, chunks)
+                try:
+                    self.files.write_unsynced(relative, chunks)
+                finally:
+                    journal.written(ticket)
+                return
+            if journal is not None:
+                journal.mark_direct(sop_instance_uid, relative)
+        except OSError as exc:
+            raise StorageFailure(f"cannot write the file ({exc.strerror})") from None
+        try:
+            staged, _ = self.files.stage(chunks)
+        except OSError as exc:
+            raise StorageFailure(f"cannot write staging file ({exc.strerror})") from None
+        try:
+            self.files.commit(staged, relative)
+        except OSError as exc:
+            self.files.discard(staged)
+            raise StorageFailure(f"cannot place file ({exc.strerror})") from None
 
     def _already_stored(self, sop_instance_uid: str) -> bool:
         try:
