@@ -1,4 +1,5 @@
-"""Value types of the decision function, and the fast read path behind ``decide()``.
+"""Value types of the decision function, the rule that gives a decision from the stored
+consent, and the fast read path behind ``decide()`` (:class:`consent.decider.Decider`).
 
 The read path bypasses the ORM session on purpose: a session per call costs ~120 µs on
 SQLite (its transaction starts with ``BEGIN IMMEDIATE``, a write lock), while a pooled DBAPI
@@ -91,6 +92,24 @@ class Resolution:
     patient_pk: int | None
     status: Literal["matched", "unknown", "mismatch"]
     reason: str
+
+
+UNKNOWN_PATIENT = Decision(Outcome.UNDECIDED, "unknown patient")
+UNKNOWN_PURPOSE = Decision(Outcome.DENY, "unknown purpose")
+PERMITTED = Decision(Outcome.PERMIT, "consent given")
+DENIED = Decision(Outcome.DENY, "consent refused or withdrawn")
+NO_DECISION = Decision(Outcome.UNDECIDED, "no decision yet (opt-in purpose)")
+NON_OPPOSITION = Decision(Outcome.PERMIT, "no opposition (opt-out purpose)")
+
+
+def decision_from_state(decision: str | None, model: str) -> Decision:
+    """The decision for a known patient, from the stored decision (``permit``, ``deny``, or
+    ``None`` when there is none) and the purpose's model (``opt-in`` or ``opt-out``)."""
+    if decision == "permit":
+        return PERMITTED
+    if decision == "deny":
+        return DENIED
+    return NON_OPPOSITION if model == "opt-out" else NO_DECISION
 
 
 def state_query(many: bool) -> Select[Any]:

@@ -20,6 +20,7 @@ INS_NIA_OID = "1.2.250.1.213.1.4.9"
 INS_TEST_OID = "1.2.250.1.213.1.4.10"
 INS_DEMO_OID = "1.2.250.1.213.1.4.11"
 TEST_INS_OIDS = frozenset({INS_TEST_OID, INS_DEMO_OID})
+INS_KINDS = ("INS-NIR", "INS-NIA")  # identifier kinds of an INS (the other kind is IPP)
 _INS_KIND = {
     INS_NIR_OID: "INS-NIR",
     INS_NIA_OID: "INS-NIA",

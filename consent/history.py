@@ -1,0 +1,133 @@
+"""Reading the consent log back: a patient's history, and its FHIR R4 export.
+
+Each event is shown with its effective status, derived from the rows after it: a
+decision is ``active`` while it is the latest one not retracted for its purpose,
+``inactive`` once superseded, ``entered-in-error`` once retracted (or when it is itself a
+retraction). The mapping of an entry to a FHIR ``Consent`` is in :mod:`consent.fhir`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from consent.fhir import consent_resource, fhir_datetime
+from consent.identity import INS_KINDS
+from consent.models import ConsentEvent, NoticeVersion, Patient, PatientIdentifier, Purpose
+from consent.patients import require_patient
+from consent.purposes import require_purpose
+
+
+class ConsentHistory:
+    """Answers ``history`` and ``export_fhir``."""
+
+    def __init__(self, read_sessions: sessionmaker[Session]) -> None:
+        self._read_sessions = read_sessions
+
+    def history(
+        self, issuer: str, patient_id: str, purpose: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The consent log of a patient (optionally one purpose), oldest first.
+
+        Each entry: ``id``, ``purpose``, ``action`` (grant / refuse / withdraw /
+        entered-in-error), ``decision``, ``status`` (the row's kind: ``active`` or
+        ``entered-in-error``), ``effective_status`` (``active``, ``inactive`` or
+        ``entered-in-error``, derived from later rows), ``channel``, ``recorded_by``,
+        ``performed_by``, ``representative_name``, ``notice_version``, ``notice_sha256``,
+        ``evidence``, ``recorded_at`` (ISO 8601 UTC), ``supersedes``.
+
+        Raises
+        ------
+        UnknownPatient, UnknownPurpose
+        """
+        with self._read_sessions() as session:
+            pk = require_patient(session, issuer, patient_id)
+            return self._history(session, pk, purpose)
+
+    @staticmethod
+    def _history(session: Session, patient_pk: int, purpose: str | None) -> list[dict[str, Any]]:
+        stmt = (
+            select(ConsentEvent, Purpose.code, NoticeVersion.version, NoticeVersion.sha256)
+            .join(Purpose, Purpose.id == ConsentEvent.purpose_pk)
+            .outerjoin(NoticeVersion, NoticeVersion.id == ConsentEvent.notice_version_pk)
+            .where(ConsentEvent.patient_pk == patient_pk)
+            .order_by(ConsentEvent.id)
+        )
+        if purpose is not None:
+            stmt = stmt.where(ConsentEvent.purpose_pk == require_purpose(session, purpose).id)
+        rows = session.execute(stmt).all()
+        retracted = {e.supersedes_pk for e, *_ in rows if e.status == "entered-in-error"}
+        current: dict[int, int] = {}
+        for event, *_ in rows:
+            if event.status == "active" and event.id not in retracted:
+                current[event.purpose_pk] = event.id
+        entries = []
+        for event, code, version, sha256 in rows:
+            if event.status != "active" or event.id in retracted:
+                effective = "entered-in-error"
+            elif current.get(event.purpose_pk) == event.id:
+                effective = "active"
+            else:
+                effective = "inactive"
+            entries.append(
+                {
+                    "id": event.id,
+                    "purpose": code,
+                    "action": event.action,
+                    "decision": event.decision,
+                    "status": event.status,
+                    "effective_status": effective,
+                    "channel": event.channel,
+                    "recorded_by": event.recorded_by,
+                    "performed_by": event.performed_by,
+                    "representative_name": event.representative_name,
+                    "notice_version": version,
+                    "notice_sha256": sha256,
+                    "evidence": event.evidence,
+                    "recorded_at": fhir_datetime(event.recorded_at),
+                    "supersedes": event.supersedes_pk,
+                }
+            )
+        return entries
+
+    def export_fhir(self, issuer: str, patient_id: str) -> list[dict[str, Any]]:
+        """The patient's consent decisions as FHIR R4 ``Consent`` resources (JSON-ready).
+
+        One resource per decision, oldest first; see :mod:`consent.fhir` for the mapping.
+        The patient is named by their INS once their identity is ``QUAL``, else by the IPP.
+
+        Raises
+        ------
+        UnknownPatient
+        """
+        with self._read_sessions() as session:
+            pk = require_patient(session, issuer, patient_id)
+            patient = session.get_one(Patient, pk)
+            system, value = issuer.strip(), patient_id.strip()
+            if patient.identity_status == "QUAL":
+                ins = session.execute(
+                    select(PatientIdentifier.system, PatientIdentifier.value)
+                    .where(
+                        PatientIdentifier.patient_pk == pk,
+                        PatientIdentifier.kind.in_(INS_KINDS),
+                    )
+                    .order_by(PatientIdentifier.id)
+                ).first()
+                if ins is not None:
+                    system, value = ins[0], ins[1]
+            purposes = {p.code: p for p in session.scalars(select(Purpose)).all()}
+            return [
+                consent_resource(
+                    event=event,
+                    patient_system=system,
+                    patient_value=value,
+                    purpose_code=event["purpose"],
+                    purpose_name=purposes[event["purpose"]].name,
+                    purpose_model=purposes[event["purpose"]].model,
+                    establishment=patient.establishment,
+                )
+                for event in self._history(session, pk, None)
+                if event["status"] == "active"
+            ]
