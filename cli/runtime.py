@@ -22,6 +22,7 @@ from dicom_node.archive.index import ArchiveIndex
 from dicom_node.archive.journal import IngestJournal
 from dicom_node.archive.recovery import ReplayReport, replay_journal
 from dicom_node.archive.service import Archive
+from dicom_node.archive.writer import FileWriter
 from dicom_node.contexts import supported_contexts
 from dicom_node.handlers import NodeHandlers
 from dicom_node.metrics import NodeMetrics
@@ -148,6 +149,7 @@ class Ingest:
     def __init__(self, runtime: Runtime, flush_interval: float = 0.5) -> None:
         self._runtime = runtime
         self._flusher: JournalFlusher | None = None
+        self._writer: FileWriter | None = None
         self._flush_interval = flush_interval
         self.leftover_staging_files = 0
         self.replay: ReplayReport | None = None
@@ -162,12 +164,17 @@ class Ingest:
         journal.lock()
         self.replay = replay_journal(journal, runtime.files, runtime.index)
         journal.start()
-        runtime.archive.attach_journal(journal)
+        self._writer = FileWriter(runtime.files)
+        self._writer.start()
+        runtime.archive.attach_journal(journal, self._writer)
         self._flusher = JournalFlusher(journal, self._flush_interval)
         self._flusher.start()
 
     def stop(self) -> None:
         """Final checkpoint: every file durable, journal segments free, lock released."""
+        if self._writer is not None:
+            self._writer.stop()  # every queued file written before the last checkpoint
+            self._writer = None
         if self._flusher is not None:
             self._flusher.stop()
             self._flusher = None

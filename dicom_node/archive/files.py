@@ -36,6 +36,9 @@ class InstanceFiles:
         self.tmp = data_dir / "tmp"
         self._layout_ready = False
         self._layout_lock = threading.Lock()
+        # paths whose file is being written in the background: readers wait for them
+        self._reserved: dict[str, threading.Event] = {}
+        self._reserved_lock = threading.Lock()
 
     def prepare(self) -> int:
         """Create the directories and delete staging files a crash left behind.
@@ -56,12 +59,31 @@ class InstanceFiles:
         digest = hashlib.sha256(sop_instance_uid.encode("ascii", "replace")).hexdigest()
         return f"{digest[:2]}/{digest}.dcm"
 
-    def absolute(self, relative_path: str) -> Path:
-        """The absolute path of an archive-relative path (which must stay inside the root)."""
+    def absolute(self, relative_path: str, wait: float = 60.0) -> Path:
+        """The absolute path of an archive-relative path (which must stay inside the root).
+
+        If the file is reserved (being written in the background), waits up to ``wait``
+        seconds for it to be written, so that a reader never sees a partial file.
+        """
         path = (self.root / relative_path).resolve()
         if self.root.resolve() not in path.parents:
             raise ValueError("path escapes the archive root")
+        written = self._reserved.get(relative_path)
+        if written is not None and not written.wait(wait):
+            raise OSError(errno.EBUSY, "archive file still being written", str(path))
         return path
+
+    def reserve(self, relative_path: str) -> None:
+        """Mark a file as about to be written: :meth:`absolute` waits for it."""
+        with self._reserved_lock:
+            self._reserved.setdefault(relative_path, threading.Event())
+
+    def release(self, relative_path: str) -> None:
+        """The reserved file is written (or will not be): wake its readers."""
+        with self._reserved_lock:
+            written = self._reserved.pop(relative_path, None)
+        if written is not None:
+            written.set()
 
     def stage(self, chunks: Sequence[bytes | bytearray | memoryview]) -> tuple[Path, int]:
         """Write ``chunks`` to a new fsync'd staging file; returns its path and size.

@@ -5,11 +5,12 @@ Order of operations (an acknowledged instance is never lost, a refused one leave
 1. parse the header from the received bytes (no pixel decoding) and validate its UIDs;
 2. under a per-UID lock, unless the instance is already archived: make preamble + file
    meta + the bytes as received durable, either through the ingest journal (one data
-   sync, then the file written at its place; see :mod:`dicom_node.archive.journal`) or,
-   without a journal or for a file too large for it, as a staging file (fsync, rename,
-   directory fsync);
+   sync; see :mod:`dicom_node.archive.journal`) or, without a journal or for a file too
+   large for it, as a staging file (fsync, rename, directory fsync);
 3. commit the index row (and the router's jobs, in the same transaction);
-4. only then does the caller answer success.
+4. only then does the caller answer success. A journalled file is written at its place
+   by a background writer (:mod:`dicom_node.archive.writer`); readers of that path wait
+   for it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from dicom_node.archive.header import (
     parse_header,
 )
 from dicom_node.archive.index import ArchiveIndex
-from dicom_node.archive.journal import IngestJournal
+from dicom_node.archive.journal import IngestJournal, Ticket
+from dicom_node.archive.writer import FileWriter
 from dicom_node.errors import InvalidInstance, StorageFailure
 from dicom_node.uids import is_valid_uid
 
@@ -68,6 +70,23 @@ class _StripedLocks:
     def for_key(self, key: str) -> threading.Lock:
         digest = hashlib.blake2b(key.encode("ascii", "replace"), digest_size=4).digest()
         return self._locks[int.from_bytes(digest, "big") % len(self._locks)]
+
+
+@dataclass(frozen=True)
+class _Journalled:
+    """A file durable in the journal, whose archive copy is yet to be written."""
+
+    journal: IngestJournal
+    writer: FileWriter
+    ticket: Ticket
+
+    def write(self, relative: str, chunks: tuple[bytes, Buffer]) -> None:
+        """Hand the file to the background writer (the index row has committed)."""
+        self.writer.submit(relative, chunks, lambda: self.journal.written(self.ticket))
+
+    def abandon(self) -> None:
+        """The store failed: nothing will be written (a replay removes any leftover)."""
+        self.journal.written(self.ticket)
 
 
 class StoreHook(Protocol):
@@ -115,6 +134,7 @@ class Archive:
         self._keywords = hook.keywords() if hook is not None else frozenset()
         self._locks = _StripedLocks()
         self._journal: IngestJournal | None = None
+        self._writer: FileWriter | None = None
 
     def store(
         self,
@@ -169,7 +189,7 @@ class Archive:
         with self._locks.for_key(header.sop_instance_uid):
             if self._already_stored(header.sop_instance_uid):
                 return StoreResult(StoreOutcome.DUPLICATE, header, size)
-            self._place(header.sop_instance_uid, relative, chunks)
+            ticket = self._place(header.sop_instance_uid, relative, chunks)
             on_inserted = None
             if hook is not None and prepared is not None:
 
@@ -187,34 +207,46 @@ class Archive:
                     on_inserted=on_inserted,
                 )
             except SQLAlchemyError as exc:
-                self.files.remove(relative)
+                if ticket is None:
+                    self.files.remove(relative)
+                else:
+                    self.files.release(relative)
+                    ticket.abandon()
                 LOG.error("index write failed: %s", type(exc).__name__)
                 raise StorageFailure("cannot write the index") from None
+            if ticket is not None:
+                ticket.write(relative, chunks)
         if hook is not None and prepared is not None:
             hook.committed(prepared)
         return StoreResult(StoreOutcome.STORED, header, size)
 
-    def attach_journal(self, journal: IngestJournal) -> None:
-        """Store through ``journal`` from now on (once it has been replayed and started)."""
+    def attach_journal(self, journal: IngestJournal, writer: FileWriter) -> None:
+        """Store through ``journal`` from now on (once it has been replayed and started),
+        with archive files written by ``writer``."""
         self._journal = journal
+        self._writer = writer
 
-    def _place(self, sop_instance_uid: str, relative: str, chunks: tuple[bytes, Buffer]) -> None:
-        """Put the file at ``relative`` durably: through the journal when one is attached
-        and the file fits in a record, else fsync + rename + directory fsync."""
-        journal = self._journal
+    def _place(
+        self, sop_instance_uid: str, relative: str, chunks: tuple[bytes, Buffer]
+    ) -> _Journalled | None:
+        """Make the file durable before the index row commits.
+
+        Through the journal when one is attached and the file fits in a record: the
+        bytes are synced in the journal and the path reserved; the returned handle
+        writes the file once the row has committed. Else (no journal, or a file larger
+        than a record): staging file, fsync, rename, directory fsync; returns ``None``.
+        """
+        journal, writer = self._journal, self._writer
         size = len(chunks[0]) + len(chunks[1])
         try:
-            if journal is not None and size <= journal.max_payload:
+            if journal is not None and writer is not None and size <= journal.max_payload:
                 ticket = journal.append(sop_instance_uid, relative, chunks)
-                try:
-                    self.files.write_unsynced(relative, chunks)
-                finally:
-                    journal.written(ticket)
-                return
+                self.files.reserve(relative)
+                return _Journalled(journal, writer, ticket)
             if journal is not None:
                 journal.mark_direct(sop_instance_uid, relative)
         except OSError as exc:
-            raise StorageFailure(f"cannot write the file ({exc.strerror})") from None
+            raise StorageFailure(f"cannot write the journal ({exc.strerror})") from None
         try:
             staged, _ = self.files.stage(chunks)
         except OSError as exc:
@@ -224,6 +256,7 @@ class Archive:
         except OSError as exc:
             self.files.discard(staged)
             raise StorageFailure(f"cannot place file ({exc.strerror})") from None
+        return None
 
     def _already_stored(self, sop_instance_uid: str) -> bool:
         try:
