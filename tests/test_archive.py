@@ -163,7 +163,10 @@ def test_dataset_differing_from_command_is_refused(
         assert _store(assoc, source.path) == 0x0000
 
     assert _instance_rows(running_node, OTHER_UID) == []
-    assert len(_instance_rows(running_node, source.sop_instance_uid)) == 1
+    rows = _instance_rows(running_node, source.sop_instance_uid)
+    assert len(rows) == 1
+    # absolute() waits until the background writer has placed the file
+    assert runtime.files.absolute(rows[0].path).is_file()
     assert _files_under(runtime.files.tmp) == []
     assert len(_files_under(runtime.files.root)) == 1
 
