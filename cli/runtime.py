@@ -62,6 +62,7 @@ class Runtime:
     def close(self) -> None:
         """Release the database connections."""
         self.consent.close()
+        self.index.close()
         self.engine.dispose()
 
 
