@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from io import BytesIO
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 from pynetdicom import _config as pynetdicom_config
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from cli.database import current_revision, head_revision, make_engine, make_sessions
+from cli.database import (
+    current_revision,
+    durability_barrier,
+    head_revision,
+    make_engine,
+    make_sessions,
+)
 from config.db import reading
 from config.settings import Settings
 from consent.decision import Resolution
@@ -24,6 +33,7 @@ from dicom_node.archive.recovery import ReplayReport, replay_journal
 from dicom_node.archive.service import Archive
 from dicom_node.archive.writer import FileWriter
 from dicom_node.contexts import supported_contexts
+from dicom_node.errors import InvalidInstance
 from dicom_node.handlers import NodeHandlers
 from dicom_node.metrics import NodeMetrics
 from dicom_node.server import DicomNode
@@ -143,8 +153,10 @@ class Ingest:
     """The receiving side of a serving process: archive directories and ingest journal.
 
     :meth:`start` prepares the archive directories, takes the journal lock, replays what a
-    crash left in the journal and attaches the journal to the archive; :meth:`stop`
-    makes every received file durable and frees the journal.
+    crash left in the journal, then attaches the journal to the archive: from then on an
+    instance is durable once its journal record is synced, index commits do not wait for
+    their own sync, and the archive files are written in the background. :meth:`stop`
+    writes what is queued and makes every file and index row durable.
     """
 
     def __init__(self, runtime: Runtime, flush_interval: float = 0.5) -> None:
@@ -162,19 +174,58 @@ class Ingest:
         journal = runtime.journal
         if journal is None:
             return
+        barrier = durability_barrier(runtime.engine)
         journal.lock()
-        self.replay = replay_journal(journal, runtime.files, runtime.index)
-        journal.start()
+        try:
+            self.replay = replay_journal(
+                journal, runtime.files, runtime.index, self._reindex, barrier
+            )
+            journal.start(barrier)
+        except BaseException:
+            journal.close()
+            raise
+        node = runtime.settings.node
+        runtime.index.defer_durability(
+            make_engine(
+                node.effective_database_url,
+                pool_size=node.max_associations + 2,
+                durable_commits=False,
+            )
+        )
         self._writer = FileWriter(runtime.files)
         self._writer.start()
         runtime.archive.attach_journal(journal, self._writer)
         self._flusher = JournalFlusher(journal, self._flush_interval)
         self._flusher.start()
 
+    def _reindex(self, part10: bytes) -> None:
+        """Store a journalled Part 10 file again (replay), as its sender sent it."""
+        try:
+            meta = dcmread(BytesIO(part10), stop_before_pixels=True).file_meta
+            syntax, sop_class, sop_instance = (
+                str(meta.TransferSyntaxUID),
+                str(meta.MediaStorageSOPClassUID),
+                str(meta.MediaStorageSOPInstanceUID),
+            )
+        except (InvalidDicomError, AttributeError, ValueError, EOFError) as exc:
+            raise InvalidInstance(f"unreadable file meta ({type(exc).__name__})") from None
+        dataset_start = 144 + int.from_bytes(part10[140:144], "little")
+        calling_ae = str(meta.get("SourceApplicationEntityTitle", "") or "").strip()
+        peer = next((p for p in self._runtime.settings.peers if p.ae_title == calling_ae), None)
+        self._runtime.archive.store(
+            memoryview(part10)[dataset_start:],
+            transfer_syntax_uid=syntax,
+            command_sop_class_uid=sop_class,
+            command_sop_instance_uid=sop_instance,
+            calling_ae=calling_ae,
+            default_issuer=peer.issuer if peer is not None else "",
+        )
+
     def stop(self) -> None:
-        """Final checkpoint: every file durable, journal segments free, lock released."""
+        """Write what is queued, final checkpoint: every file and index row durable,
+        journal segments free, lock released."""
         if self._writer is not None:
-            self._writer.stop()  # every queued file written before the last checkpoint
+            self._writer.stop()
             self._writer = None
         if self._flusher is not None:
             self._flusher.stop()

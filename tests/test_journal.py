@@ -18,10 +18,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from sqlalchemy import create_engine, delete, select, update
 
 from cli.runtime import Ingest, build_runtime
 from config.settings import ConfigError, load_settings
 from dicom_node.archive.journal import IngestJournal, JournalLocked
+from dicom_node.archive.models import Instance, Series, Study
+from router.models import ForwardJob
 from tests.conftest import (
     CONSENTGATE_BIN,
     NODE_AE,
@@ -33,17 +36,19 @@ from tests.conftest import (
     write_config,
 )
 from tests.corpus import CorpusFile, make_ct_series, make_small_series
+from tests.test_crash import counters_consistent
 
 # Stores through the real archive + journal in a child process, then dies by SIGKILL
-# without any checkpoint (flush interval of an hour). Optionally leaves one extra
-# journalled file whose index row never committed (a crash between file and index).
+# without any checkpoint (flush interval of an hour). Manifest entries with a role leave
+# a journalled file whose index row never committed ("pending": the process died first)
+# or whose store failed ("cancelled": a cancel marker follows).
 CHILD = """
 import json, os, signal, sys
 from pathlib import Path
 from config.settings import load_settings
 from cli.runtime import Ingest, build_runtime
 
-config, manifest, unacked = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), sys.argv[3]
+config, manifest, mode = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), sys.argv[3]
 runtime = build_runtime(load_settings(config))
 Ingest(runtime, flush_interval=3600).start()
 
@@ -51,15 +56,30 @@ def dataset(path):
     raw = Path(path).read_bytes()
     return raw[144 + int.from_bytes(raw[140:144], "little"):]
 
+def part10(path):
+    raw = Path(path).read_bytes()
+    return raw[:144 + int.from_bytes(raw[140:144], "little")], dataset(path)
+
 for item in manifest:
-    runtime.archive.store(
-        dataset(item["path"]),
-        transfer_syntax_uid=item["ts"],
-        command_sop_class_uid=item["cls"],
-        command_sop_instance_uid=item["uid"],
-        calling_ae="MODALITY",
-    )
-if unacked == "direct-rewrite":
+    role = item.get("role", "store")
+    if role == "store":
+        runtime.archive.store(
+            dataset(item["path"]),
+            transfer_syntax_uid=item["ts"],
+            command_sop_class_uid=item["cls"],
+            command_sop_instance_uid=item["uid"],
+            calling_ae="MODALITY",
+        )
+        continue
+    # journalled, then the process died before the index commit ("pending"), or the
+    # index commit failed and the sender was told so ("cancelled")
+    relative = runtime.files.relative_path_for(item["uid"])
+    chunks = part10(item["path"])
+    runtime.journal.append(item["uid"], relative, chunks)
+    runtime.files.write_unsynced(relative, chunks)
+    if role == "cancelled":
+        runtime.journal.cancel(item["uid"], relative)
+if mode == "direct-rewrite":
     # the first instance's file replaced through the direct path (as after a retention
     # delete and a new store of the same UID too large for the journal)
     item = manifest[0]
@@ -67,17 +87,12 @@ if unacked == "direct-rewrite":
     runtime.journal.mark_direct(item["uid"], relative)
     staged, _ = runtime.files.stage((b"DIRECT COPY",))
     runtime.files.commit(staged, relative)
-elif unacked != "-":
-    relative = runtime.files.relative_path_for(unacked)
-    chunks = (b"\\0" * 128 + b"DICM", b"never indexed")
-    ticket = runtime.journal.append(unacked, relative, chunks)
-    runtime.files.write_unsynced(relative, chunks)
 print("stored", flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def _manifest(files: list[CorpusFile], path: Path) -> Path:
+def _manifest(files: list[CorpusFile], path: Path, roles: dict[str, str]) -> Path:
     path.write_text(
         json.dumps(
             [
@@ -86,6 +101,7 @@ def _manifest(files: list[CorpusFile], path: Path) -> Path:
                     "ts": f.transfer_syntax_uid,
                     "cls": f.sop_class_uid,
                     "uid": f.sop_instance_uid,
+                    "role": roles.get(f.sop_instance_uid, "store"),
                 }
                 for f in files
             ]
@@ -95,16 +111,15 @@ def _manifest(files: list[CorpusFile], path: Path) -> Path:
     return path
 
 
-def _crash_after_storing(config: Path, files: list[CorpusFile], unacked: str = "-") -> None:
+def _crash_after_storing(
+    config: Path,
+    files: list[CorpusFile],
+    mode: str = "-",
+    roles: dict[str, str] | None = None,
+) -> None:
+    manifest = _manifest(files, config.with_suffix(".json"), roles or {})
     child = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CHILD,
-            str(config),
-            str(_manifest(files, config.with_suffix(".json"))),
-            unacked,
-        ],
+        [sys.executable, "-c", CHILD, str(config), str(manifest), mode],
         capture_output=True,
         text=True,
         timeout=120,
@@ -113,6 +128,33 @@ def _crash_after_storing(config: Path, files: list[CorpusFile], unacked: str = "
     )
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
     assert "stored" in child.stdout
+
+
+def _lose_index_rows(db_url: str, uids: list[str]) -> None:
+    """What a power loss does to index transactions committed without their own sync:
+    the rows (and their parents' counter increments) are gone."""
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            for uid in uids:
+                pk, series_pk = conn.execute(
+                    select(Instance.id, Instance.series_pk).where(Instance.sop_instance_uid == uid)
+                ).one()
+                study_pk = conn.scalar(select(Series.study_pk).where(Series.id == series_pk))
+                conn.execute(delete(ForwardJob).where(ForwardJob.instance_pk == pk))
+                conn.execute(delete(Instance).where(Instance.id == pk))
+                conn.execute(
+                    update(Series)
+                    .where(Series.id == series_pk)
+                    .values(number_of_instances=Series.number_of_instances - 1)
+                )
+                conn.execute(
+                    update(Study)
+                    .where(Study.id == study_pk)
+                    .values(number_of_instances=Study.number_of_instances - 1)
+                )
+    finally:
+        engine.dispose()
 
 
 def _config(tmp_path: Path, db_url: str, segment_mb: int = 1) -> Path:
@@ -135,32 +177,37 @@ def _live_segments(data_dir: Path) -> list[Path]:
 def test_replay_restores_acknowledged_files_lost_after_a_crash(tmp_path: Path, db_url: str) -> None:
     data_dir = tmp_path / "data"
     config = _config(tmp_path, db_url, segment_mb=1)
-    small = make_small_series(tmp_path / "small", 40)
+    small = make_small_series(tmp_path / "small", 44)
     # 0.5 MB CT instances rotate 1 MiB segments; a 2 MB one is too big for a record and
     # takes the direct path (fsync, rename, directory fsync) behind a marker record
     ct = make_ct_series(tmp_path / "ct", 3, patient_id="CRASHCT")
     big = make_ct_series(tmp_path / "big", 1, rows=1024, columns=1024, patient_id="CRASHBIG")
-    files = small[:20] + ct + big + small[20:]
-    unacked_uid = "1.2.826.0.1.3680043.8.498.999999"
-    _crash_after_storing(config, files, unacked_uid)
+    files = small[:20] + ct + big + small[20:40]
+    pending, cancelled = small[40:42], small[42:44]
+    roles = {f.sop_instance_uid: "pending" for f in pending}
+    roles |= {f.sop_instance_uid: "cancelled" for f in cancelled}
+    _crash_after_storing(config, files + pending + cancelled, roles=roles)
 
     indexed = indexed_instances(db_url)
     assert set(indexed) == {f.sop_instance_uid for f in files}
     assert len(_live_segments(data_dir)) >= 2, "the 1 MiB segments rotated"
 
-    # power loss on top of the kill: unsynced archive files are damaged or gone
+    # power loss on top of the kill: index commits not yet synced are lost, unsynced
+    # archive files are damaged or gone
+    lost_rows = [f.sop_instance_uid for f in files[-3:]]
+    _lose_index_rows(db_url, lost_rows)
     archive = data_dir / "archive"
-    for n, f in enumerate(files[:-1]):  # the direct file (big) was synced: leave it
+    for n, f in enumerate(files):
         target = archive / indexed[f.sop_instance_uid]
-        if f in big or not target.exists():  # not written yet by the background writer
+        if f in big or not target.exists():  # synced / not written yet by the writer
             continue
         if n % 2:
             target.unlink()
         else:
             with target.open("r+b") as fh:
                 fh.truncate(target.stat().st_size // 3)
-    unacked_file = archive / indexed_path_for(unacked_uid)
-    assert unacked_file.exists()
+    cancelled_files = [archive / indexed_path_for(f.sop_instance_uid) for f in cancelled]
+    assert all(p.exists() for p in cancelled_files)
 
     runtime = build_runtime(load_settings(config))
     ingest = Ingest(runtime)
@@ -168,15 +215,19 @@ def test_replay_restores_acknowledged_files_lost_after_a_crash(tmp_path: Path, d
         ingest.start()
         report = ingest.replay
         assert report is not None
-        assert report.restored == len(files) - len(big)
-        assert report.removed == 1
-        assert not unacked_file.exists(), "a store that never committed leaves no file"
-        for f in files:
-            stored = archive / indexed[f.sop_instance_uid]
+        assert report.reindexed == len(lost_rows) + len(pending)
+        assert report.restored == len(files) - len(big) - len(lost_rows)
+        assert report.removed == len(cancelled)
+        assert not any(p.exists() for p in cancelled_files), "a failed store leaves no file"
+        final = indexed_instances(db_url)
+        assert set(final) == {f.sop_instance_uid for f in files + pending}
+        for f in files + pending:
+            stored = archive / final[f.sop_instance_uid]
             assert dataset_bytes(stored) == dataset_bytes(f.path), f.sop_instance_uid
             assert pydicom.dcmread(stored).SOPInstanceUID == f.sop_instance_uid
         on_disk = {p for p in archive.rglob("*") if p.is_file()}
-        assert on_disk == {archive / rel for rel in indexed.values()}
+        assert on_disk == {archive / rel for rel in final.values()}
+        assert counters_consistent(db_url) == []
     finally:
         ingest.stop()
         runtime.close()

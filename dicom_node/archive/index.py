@@ -29,6 +29,7 @@ class ArchiveIndex:
         # series UID -> (study pk, series pk) of series this process has indexed into
         self._parents: dict[str, tuple[int, int]] = {}
         self._writers = _WriterConnections(self._engine)
+        self._deferred_engine: Engine | None = None
         # Statements of the store path, built once: SQLAlchemy memoises a statement
         # object's cache key, so executing the same object skips building and hashing a
         # new one per instance (most of the cost of a Core statement).
@@ -214,9 +215,20 @@ class ArchiveIndex:
                 "bytes": session.scalar(select(func.coalesce(func.sum(Instance.size), 0))) or 0,
             }
 
+    def defer_durability(self, engine: Engine) -> None:
+        """Commit the store path's transactions on ``engine`` from now on: an engine whose
+        commits do not wait for their sync (see :func:`cli.database.make_engine`). Only
+        once the ingest journal holds every instance until a checkpoint barrier."""
+        previous, self._writers = self._writers, _WriterConnections(engine)
+        self._deferred_engine = engine
+        previous.close()
+
     def close(self) -> None:
-        """Release the connections the store path keeps open."""
+        """Release the connections the store path keeps open (and its own engine)."""
         self._writers.close()
+        if self._deferred_engine is not None:
+            self._deferred_engine.dispose()
+            self._deferred_engine = None
 
     def forget_parents(self) -> None:
         """Drop the remembered series -> (study, series) keys.

@@ -7,17 +7,23 @@ path:
 
 1. the instance's bytes are appended to a pre-allocated, pre-zeroed *segment* file and
    ``fdatasync``'d: an overwrite of allocated blocks, so only data (no metadata) is synced;
-2. the archive file is written at its final path without any sync;
-3. the index row commits, and the sender gets its success status.
+2. the index row commits without waiting for its own sync (SQLite ``synchronous=NORMAL``,
+   PostgreSQL ``synchronous_commit=off``), and the sender gets its success status;
+3. a background writer (:mod:`dicom_node.archive.writer`) puts the archive file at its
+   place, without any sync.
 
-A background checkpoint (:class:`JournalFlusher`) later syncs the file system once for
-many files (``syncfs``) and recycles the segments whose records are all durable in the
-archive. After a crash, :func:`dicom_node.archive.recovery.replay_journal` rewrites every
-indexed file from the live records and removes files whose index row never committed.
+A background checkpoint (:class:`~dicom_node.archive.flusher.JournalFlusher`) later
+syncs the file system once for many files (``syncfs``), makes the index commits durable
+(the *barrier*), and recycles the segments whose records are all durable elsewhere.
+After a crash, :func:`dicom_node.archive.recovery.replay_journal` re-indexes the
+instances whose index row a power loss took, rewrites every indexed file from the live
+records, and removes files whose store never committed or was refused.
 
 Instances larger than a segment bypass the journal (fsync, rename, directory fsync as
 before); a *direct marker* record is appended first, so that a replay never overwrites the
-direct file with an older journal copy of the same path.
+direct file with an older journal copy of the same path. A store whose index transaction
+failed (the sender was answered with a failure) appends a *cancel marker*, so that a
+replay does not index it.
 
 Segment layout: a 4 KiB header (magic, sequence number, size, CRC), then records, each
 starting on a 4 KiB boundary: a 32-byte header (magic, segment sequence, flags, lengths,
@@ -51,6 +57,7 @@ PAGE = 4096
 SEGMENT_MAGIC = b"CGJS"
 RECORD_MAGIC = b"CGJR"
 FLAG_DIRECT = 0x01
+FLAG_CANCEL = 0x02
 
 # magic, sequence, segment size, crc of the preceding fields
 _SEGMENT_HEADER = struct.Struct("<4sQQI")
@@ -79,13 +86,23 @@ class JournalRecord:
 
     segment_seq: int
     offset: int  # of the record header within the segment file
-    direct: bool
+    flags: int
     sop_instance_uid: str
     relative_path: str
     payload_offset: int
     payload_length: int
     crc: int
     path: Path  # the segment file
+
+    @property
+    def direct(self) -> bool:
+        """A marker: the file was written and synced directly, not from this record."""
+        return bool(self.flags & FLAG_DIRECT)
+
+    @property
+    def cancelled(self) -> bool:
+        """A marker: the store of the preceding record for this path failed."""
+        return bool(self.flags & FLAG_CANCEL)
 
 
 @dataclass(frozen=True)
@@ -125,6 +142,7 @@ class IngestJournal:
         self._next_ticket = 0
         self._last_seq = 0
         self._syncfs = _syncfs()
+        self._barrier: Callable[[], None] | None = None
         self._appended_since_checkpoint = 0
         self._open = False
 
@@ -219,7 +237,7 @@ class IngestJournal:
                 yield JournalRecord(
                     segment_seq,
                     offset,
-                    bool(flags & FLAG_DIRECT),
+                    flags,
                     uid,
                     relative,
                     payload_offset,
@@ -229,8 +247,13 @@ class IngestJournal:
                 )
                 offset = next_offset
 
-    def start(self) -> None:
-        """Retire every live segment (after a replay) and open a fresh active one."""
+    def start(self, barrier: Callable[[], None] | None = None) -> None:
+        """Retire every live segment (after a replay) and open a fresh active one.
+
+        ``barrier`` is called by each checkpoint after the file-system sync: it must
+        return only once every index transaction committed before it is durable (the
+        index commits of a serving node do not wait for their own sync).
+        """
         if self._lock_fd is None:
             raise JournalError(errno.EPERM, "journal lock not taken")
         for seq, path in self.live_segments():
@@ -240,6 +263,7 @@ class IngestJournal:
         with self._lock:
             self._segments = [self._activate(self._next_seq())]
         self._ensure_spare()
+        self._barrier = barrier
         self._open = True
 
     # ------------------------------------------------------------------ writing
@@ -255,6 +279,12 @@ class IngestJournal:
     def mark_direct(self, sop_instance_uid: str, relative_path: str) -> None:
         """Record (durably) that ``relative_path`` is about to be written directly."""
         ticket = self._append(sop_instance_uid, relative_path, (), FLAG_DIRECT)
+        self.written(ticket)
+
+    def cancel(self, sop_instance_uid: str, relative_path: str) -> None:
+        """Record (durably) that the store of the last record for this path failed (the
+        sender was told so), so that a replay does not index it."""
+        ticket = self._append(sop_instance_uid, relative_path, (), FLAG_CANCEL)
         self.written(ticket)
 
     def written(self, ticket: Ticket) -> None:
@@ -364,7 +394,8 @@ class IngestJournal:
         return self._appended_since_checkpoint
 
     def checkpoint(self, *, final: bool = False) -> int:
-        """Make every completed archive write durable, then recycle segments.
+        """Make every completed archive write and index commit durable, then recycle
+        segments.
 
         Segments older than the oldest record still being written are recycled; with
         ``final`` (shutdown, nothing in flight) the active one too. Returns the number
@@ -379,6 +410,8 @@ class IngestJournal:
                 bound = self._segments[-1].seq + (1 if final else 0)
             self._appended_since_checkpoint = 0
         sync_filesystem(self.directory, self._syncfs)
+        if self._barrier is not None:
+            self._barrier()
         with self._lock:
             done = [s for s in self._segments if s.seq < bound]
             self._segments = [s for s in self._segments if s.seq >= bound]

@@ -84,9 +84,15 @@ class _Journalled:
         """Hand the file to the background writer (the index row has committed)."""
         self.writer.submit(relative, chunks, lambda: self.journal.written(self.ticket))
 
-    def abandon(self) -> None:
-        """The store failed: nothing will be written (a replay removes any leftover)."""
-        self.journal.written(self.ticket)
+    def abandon(self, sop_instance_uid: str, relative: str) -> None:
+        """The store failed: nothing is written, and a cancel marker keeps a replay from
+        indexing the record (best effort: the sender is told of the failure anyway)."""
+        try:
+            self.journal.cancel(sop_instance_uid, relative)
+        except (OSError, ValueError) as exc:
+            LOG.error("cannot write a journal cancel marker: %s", type(exc).__name__)
+        finally:
+            self.journal.written(self.ticket)
 
 
 class StoreHook(Protocol):
@@ -211,7 +217,7 @@ class Archive:
                     self.files.remove(relative)
                 else:
                     self.files.release(relative)
-                    ticket.abandon()
+                    ticket.abandon(header.sop_instance_uid, relative)
                 LOG.error("index write failed: %s", type(exc).__name__)
                 raise StorageFailure("cannot write the index") from None
             if ticket is not None:
