@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, delete, select, update
 
 from cli.runtime import Ingest, build_runtime
 from config.settings import ConfigError, load_settings
-from dicom_node.archive.journal import IngestJournal, JournalLocked
+from dicom_node.archive.journal import _RECORD_HEADER, IngestJournal, JournalLocked
 from dicom_node.archive.models import Instance, Series, Study
 from router.models import ForwardJob
 from tests.conftest import (
@@ -37,6 +37,8 @@ from tests.conftest import (
 )
 from tests.corpus import CorpusFile, make_ct_series, make_small_series
 from tests.test_crash import counters_consistent
+
+RECORD_HEADER_SIZE = _RECORD_HEADER.size
 
 # Stores through the real archive + journal in a child process, then dies by SIGKILL
 # without any checkpoint (flush interval of an hour). Manifest entries with a role leave
@@ -264,7 +266,7 @@ def test_a_damaged_record_is_skipped_and_later_records_still_replayed(
         last = records[-1]
         torn_at = (last.payload_offset + last.payload_length + 4095) // 4096 * 4096
         fh.seek(last.offset)
-        header = bytearray(fh.read(32))
+        header = bytearray(fh.read(RECORD_HEADER_SIZE))
         fh.seek(torn_at)
         fh.write(bytes(header))
     rescanned = list(journal.scan(int(segment.stem[4:], 16), segment))

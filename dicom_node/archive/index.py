@@ -103,11 +103,14 @@ class ArchiveIndex:
         calling_ae: str,
         received_at: datetime | None = None,
         on_inserted: Callable[[Connection, int], None] | None = None,
+        before_commit: Callable[[], None] | None = None,
     ) -> int:
         """Insert the instance and its parents in one committed transaction.
 
         ``on_inserted(connection, instance_pk)`` runs inside that transaction (the router
-        adds the instance's forward jobs there). Returns the new instance's primary key.
+        adds the instance's forward jobs there); ``before_commit()`` runs last, just
+        before the commit (the archive waits there for the journal record to be on
+        disk), and an exception from it rolls back. Returns the new instance's primary key.
         """
         received = received_at or datetime.now(UTC)
         # Core statements on the session's connection: the ORM's per-statement overhead
@@ -142,6 +145,8 @@ class ArchiveIndex:
                 _add_modality(conn, study_pk, header.modality)
             if on_inserted is not None:
                 on_inserted(conn, instance_id)
+            if before_commit is not None:
+                before_commit()
         # remembered only once committed; only retention deletes index rows, and it calls
         # forget_parents() once it has (router.retention)
         if len(self._parents) >= _PARENT_CACHE_SIZE:

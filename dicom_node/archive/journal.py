@@ -26,8 +26,9 @@ failed (the sender was answered with a failure) appends a *cancel marker*, so th
 replay does not index it.
 
 Segment layout: a 4 KiB header (magic, sequence number, size, CRC), then records, each
-starting on a 4 KiB boundary: a 32-byte header (magic, segment sequence, flags, lengths,
-CRC-32 of header, UID, path and payload), the SOP Instance UID, the archive-relative path
+starting on a 4 KiB boundary: a 34-byte header (magic, segment sequence, flags, lengths,
+CRC-32 of UID, path and payload, CRC-32 of the header), the SOP Instance UID, the
+archive-relative path
 and the file bytes. Records are written one at a time under a lock, so a torn record can
 only be the last one of a segment. A record whose CRC does not match is skipped (it was
 never acknowledged, or the disk damaged it); a header that is not a record of this
@@ -61,8 +62,10 @@ FLAG_CANCEL = 0x02
 
 # magic, sequence, segment size, crc of the preceding fields
 _SEGMENT_HEADER = struct.Struct("<4sQQI")
-# magic, segment sequence, flags, reserved, uid length, path length, payload length, crc
-_RECORD_HEADER = struct.Struct("<4sQBBHHQI2x")
+# magic, segment sequence, flags, reserved, uid length, path length, payload length,
+# CRC-32 of UID + path + payload, CRC-32 of the header fields before it
+_RECORD_HEADER = struct.Struct("<4sQBBHHQII")
+_RECORD_FIELDS = struct.Struct("<4sQBBHHQI")
 _MAX_UID = 64
 _MAX_PATH = 512
 _ZEROS = bytes(1024 * 1024)
@@ -112,6 +115,7 @@ class Ticket:
     ident: int
     segment_seq: int
     offset: int
+    fd: int
 
 
 def _round_up(value: int) -> int:
@@ -142,6 +146,7 @@ class IngestJournal:
         self._next_ticket = 0
         self._last_seq = 0
         self._syncfs = _syncfs()
+        self._start_writeback = _sync_file_range()
         self._barrier: Callable[[], None] | None = None
         self._appended_since_checkpoint = 0
         self._open = False
@@ -202,9 +207,12 @@ class IngestJournal:
                 raw = fh.read(_RECORD_HEADER.size)
                 if len(raw) < _RECORD_HEADER.size:
                     return
-                magic, rseq, flags, _, uid_len, path_len, length, crc = _RECORD_HEADER.unpack(raw)
+                fields = _RECORD_HEADER.unpack(raw)
+                magic, rseq, flags, _, uid_len, path_len, length, crc, header_crc = fields
                 if magic != RECORD_MAGIC or rseq != segment_seq:
                     return
+                if zlib.crc32(raw[: _RECORD_FIELDS.size]) != header_crc:
+                    return  # a torn header: the last record written, never acknowledged
                 if uid_len > _MAX_UID or path_len > _MAX_PATH:
                     return
                 names = fh.read(uid_len + path_len)
@@ -212,8 +220,7 @@ class IngestJournal:
                 record_end = payload_offset + length
                 if len(names) < uid_len + path_len or record_end > size:
                     return
-                check = zlib.crc32(raw[: _RECORD_HEADER.size - 6])
-                check = zlib.crc32(names, check)
+                check = zlib.crc32(names)
                 remaining = length
                 while remaining:
                     block = fh.read(min(remaining, 1024 * 1024))
@@ -268,23 +275,37 @@ class IngestJournal:
 
     # ------------------------------------------------------------------ writing
 
-    def append(self, sop_instance_uid: str, relative_path: str, chunks: Sequence[Chunk]) -> Ticket:
+    def append(
+        self,
+        sop_instance_uid: str,
+        relative_path: str,
+        chunks: Sequence[Chunk],
+        *,
+        sync: bool = True,
+    ) -> Ticket:
         """Append a record with the file's bytes and make it durable (one data sync).
 
-        Call :meth:`written` with the ticket once the archive file has been written (or
-        given up): until then the record is not checkpointed.
+        With ``sync=False`` the write-back only starts; call :meth:`sync` before relying
+        on the record (the store path does so just before its index commit, so that the
+        disk works while the index statements run). Call :meth:`written` with the ticket
+        once the archive file has been written (or given up): until then the record is
+        not checkpointed.
         """
-        return self._append(sop_instance_uid, relative_path, chunks, 0)
+        return self._append(sop_instance_uid, relative_path, chunks, 0, sync)
+
+    def sync(self, ticket: Ticket) -> None:
+        """Wait until the record of ``ticket`` is on disk."""
+        os.fdatasync(ticket.fd)
 
     def mark_direct(self, sop_instance_uid: str, relative_path: str) -> None:
         """Record (durably) that ``relative_path`` is about to be written directly."""
-        ticket = self._append(sop_instance_uid, relative_path, (), FLAG_DIRECT)
+        ticket = self._append(sop_instance_uid, relative_path, (), FLAG_DIRECT, True)
         self.written(ticket)
 
     def cancel(self, sop_instance_uid: str, relative_path: str) -> None:
         """Record (durably) that the store of the last record for this path failed (the
         sender was told so), so that a replay does not index it."""
-        ticket = self._append(sop_instance_uid, relative_path, (), FLAG_CANCEL)
+        ticket = self._append(sop_instance_uid, relative_path, (), FLAG_CANCEL, True)
         self.written(ticket)
 
     def written(self, ticket: Ticket) -> None:
@@ -293,7 +314,12 @@ class IngestJournal:
             self._in_flight.pop(ticket.ident, None)
 
     def _append(
-        self, sop_instance_uid: str, relative_path: str, chunks: Sequence[Chunk], flags: int
+        self,
+        sop_instance_uid: str,
+        relative_path: str,
+        chunks: Sequence[Chunk],
+        flags: int,
+        sync: bool,
     ) -> Ticket:
         if not self._open:
             raise JournalError(errno.EBADF, "journal is not open")
@@ -305,33 +331,34 @@ class IngestJournal:
         length = sum(len(v) for v in views)
         if length > self.max_payload:
             raise ValueError("record larger than a journal segment")
+        body_crc = zlib.crc32(rel, zlib.crc32(uid))
+        for view in views:  # outside the lock: other associations append meanwhile
+            body_crc = zlib.crc32(view, body_crc)
         record_len = _RECORD_HEADER.size + len(uid) + len(rel) + length
+        padded = _round_up(record_len)
         with self._lock:
             segment = self._segments[-1]
             if segment.end + record_len > segment.size:
                 segment = self._rotate()
             offset = segment.end
-            header_fields = (RECORD_MAGIC, segment.seq, flags, 0, len(uid), len(rel), length)
-            prefix = struct.pack("<4sQBBHHQ", *header_fields)
-            crc = zlib.crc32(prefix)
-            crc = zlib.crc32(uid, crc)
-            crc = zlib.crc32(rel, crc)
-            for view in views:
-                crc = zlib.crc32(view, crc)
-            header = _RECORD_HEADER.pack(*header_fields, crc)
-            padding = _round_up(record_len) - record_len
-            parts: list[Chunk] = [header, uid, rel, *views]
-            if padding:
-                parts.append(_ZEROS[:padding])
+            fields = _RECORD_FIELDS.pack(
+                RECORD_MAGIC, segment.seq, flags, 0, len(uid), len(rel), length, body_crc
+            )
+            header_crc = struct.pack("<I", zlib.crc32(fields))
+            parts: list[Chunk] = [fields, header_crc, uid, rel, *views]
+            if padded > record_len:
+                parts.append(_ZEROS[: padded - record_len])
             _pwrite_all(segment.fd, parts, offset)
-            segment.end = offset + _round_up(record_len)
-            self._appended_since_checkpoint += segment.end - offset
+            segment.end = offset + padded
+            self._appended_since_checkpoint += padded
             self._next_ticket += 1
-            ticket = Ticket(self._next_ticket, segment.seq, offset)
+            ticket = Ticket(self._next_ticket, segment.seq, offset, segment.fd)
             self._in_flight[ticket.ident] = (segment.seq, offset)
-            fd = segment.fd
         try:
-            os.fdatasync(fd)
+            if sync:
+                os.fdatasync(ticket.fd)
+            elif self._start_writeback is not None:
+                self._start_writeback(ticket.fd, offset, padded, _SYNC_FILE_RANGE_WRITE)
         except OSError:
             self.written(ticket)
             raise
@@ -493,6 +520,20 @@ def sync_filesystem(path: Path, syncfs: SyncFs | None = None) -> None:
             raise OSError(err, f"syncfs failed: {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` (starts write-back without waiting), if any."""
+    try:
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func  # type: ignore[no-any-return]
 
 
 def _syncfs() -> SyncFs | None:

@@ -80,6 +80,13 @@ class _Journalled:
     writer: FileWriter
     ticket: Ticket
 
+    def sync(self) -> None:
+        """Wait for the record to be on disk (before the index commit)."""
+        try:
+            self.journal.sync(self.ticket)
+        except OSError as exc:
+            raise StorageFailure(f"cannot sync the journal ({exc.strerror})") from None
+
     def write(self, relative: str, chunks: tuple[bytes, Buffer]) -> None:
         """Hand the file to the background writer (the index row has committed)."""
         self.writer.submit(relative, chunks, lambda: self.journal.written(self.ticket))
@@ -211,13 +218,16 @@ class Archive:
                     relative_path=relative,
                     calling_ae=calling_ae,
                     on_inserted=on_inserted,
+                    before_commit=ticket.sync if ticket is not None else None,
                 )
-            except SQLAlchemyError as exc:
+            except (SQLAlchemyError, StorageFailure) as exc:
                 if ticket is None:
                     self.files.remove(relative)
                 else:
                     self.files.release(relative)
                     ticket.abandon(header.sop_instance_uid, relative)
+                if isinstance(exc, StorageFailure):
+                    raise
                 LOG.error("index write failed: %s", type(exc).__name__)
                 raise StorageFailure("cannot write the index") from None
             if ticket is not None:
@@ -238,15 +248,17 @@ class Archive:
         """Make the file durable before the index row commits.
 
         Through the journal when one is attached and the file fits in a record: the
-        bytes are synced in the journal and the path reserved; the returned handle
-        writes the file once the row has committed. Else (no journal, or a file larger
-        than a record): staging file, fsync, rename, directory fsync; returns ``None``.
+        bytes are appended to the journal (their write-back starts; the index
+        transaction waits for it just before committing) and the path reserved; the
+        returned handle writes the file once the row has committed. Else (no journal,
+        or a file larger than a record): staging file, fsync, rename, directory fsync;
+        returns ``None``.
         """
         journal, writer = self._journal, self._writer
         size = len(chunks[0]) + len(chunks[1])
         try:
             if journal is not None and writer is not None and size <= journal.max_payload:
-                ticket = journal.append(sop_instance_uid, relative, chunks)
+                ticket = journal.append(sop_instance_uid, relative, chunks, sync=False)
                 self.files.reserve(relative)
                 return _Journalled(journal, writer, ticket)
             if journal is not None:
