@@ -357,7 +357,7 @@ class IngestJournal:
         try:
             if sync:
                 os.fdatasync(ticket.fd)
-            elif self._start_writeback is not None:
+            elif self._start_writeback is not None and padded >= _EARLY_WRITEBACK:
                 self._start_writeback(ticket.fd, offset, padded, _SYNC_FILE_RANGE_WRITE)
         except OSError:
             self.written(ticket)
@@ -523,6 +523,9 @@ def sync_filesystem(path: Path, syncfs: SyncFs | None = None) -> None:
 
 
 _SYNC_FILE_RANGE_WRITE = 2
+# records from this size on start their write-back at once (for a small one the extra
+# I/O submission costs more than the overlap saves)
+_EARLY_WRITEBACK = 64 * 1024
 
 
 def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
