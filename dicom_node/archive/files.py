@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import secrets
 import threading
 from collections.abc import Sequence
@@ -65,9 +66,12 @@ class InstanceFiles:
         If the file is reserved (being written in the background), waits up to ``wait``
         seconds for it to be written, so that a reader never sees a partial file.
         """
-        path = (self.root / relative_path).resolve()
-        if self.root.resolve() not in path.parents:
-            raise ValueError("path escapes the archive root")
+        if not _SAFE_RELATIVE.fullmatch(relative_path):
+            # a path of another layout: check it the slow way (symbolic links resolved)
+            resolved = (self.root / relative_path).resolve()
+            if self.root.resolve() not in resolved.parents:
+                raise ValueError("path escapes the archive root")
+        path = self.root / relative_path
         written = self._reserved.get(relative_path)
         if written is not None and not written.wait(wait):
             raise OSError(errno.EBUSY, "archive file still being written", str(path))
@@ -177,6 +181,8 @@ class InstanceFiles:
 
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+# the layout's own paths (hex digest names): inside the root by construction
+_SAFE_RELATIVE = re.compile(r"[0-9a-f]{2}(?:/[0-9a-f]{2})?/[0-9a-f]{64}\.dcm")
 _IOV_MAX = 512
 
 
