@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,67 @@ from dicom_node.archive.journal import sync_filesystem
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
-def make_engine(url: str, *, pool_size: int = 10, durable_commits: bool = True) -> Engine:
+class SqliteWriteGate:
+    """Serialises one process's SQLite write transactions with a lock of its own.
+
+    SQLite admits one writer at a time; a ``BEGIN IMMEDIATE`` that finds the database
+    locked is retried by SQLite's busy handler, which *sleeps* between attempts (1, 2, 5,
+    10 ms and more). Between the threads of one process (the receiving associations, the
+    forwarders, the consent synchronisation) that turned every collision into
+    milliseconds of idle waiting; with the gate, the next writer starts the moment the
+    previous one commits. Writers in other processes (the CLI) still meet SQLite's own
+    lock and busy handler. A gate not obtained within ``timeout`` seconds (a thread that
+    already writes on another connection) is skipped: SQLite's lock then decides, as
+    without a gate.
+    """
+
+    def __init__(self, timeout: float = 30.0) -> None:
+        self._lock = threading.Lock()
+        self._holder: Any = None
+        self._timeout = timeout
+
+    def enter(self, dbapi_connection: Any) -> None:
+        """Before ``BEGIN IMMEDIATE`` on ``dbapi_connection``."""
+        if self._lock.acquire(timeout=self._timeout):
+            self._holder = dbapi_connection
+
+    def leave(self, connection: Any) -> None:
+        """After the commit or rollback (or close) of ``connection``'s transaction."""
+        dbapi_connection = getattr(connection, "dbapi_connection", connection)
+        if self._holder is not None and self._holder is dbapi_connection:
+            self._holder = None
+            self._lock.release()
+
+    def install(self, engine: Engine) -> None:
+        """Release the gate whenever a connection of ``engine`` ends its transaction."""
+        dialect = engine.dialect
+        for name in ("do_commit", "do_rollback", "do_close"):
+            original = getattr(dialect, name)
+            setattr(dialect, name, self._releasing(original))
+
+    def _releasing(self, original: Callable[[Any], None]) -> Callable[[Any], None]:
+        def call(connection: Any) -> None:
+            try:
+                original(connection)
+            finally:
+                self.leave(connection)
+
+        return call
+
+
+def make_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    durable_commits: bool = True,
+    write_gate: SqliteWriteGate | None = None,
+) -> Engine:
     """Create an engine (the process has one, plus the ingest engine of a serving node).
 
     SQLite runs in WAL mode with ``synchronous=FULL`` (a committed row survives a crash)
-    and ``BEGIN IMMEDIATE`` transactions so concurrent writers queue instead of failing.
+    and ``BEGIN IMMEDIATE`` transactions so concurrent writers queue instead of failing;
+    engines of one process on one database share a ``write_gate`` (see
+    :class:`SqliteWriteGate`).
 
     ``durable_commits=False`` is for the ingest path only, once the ingest journal holds
     what each transaction records: SQLite ``synchronous=NORMAL`` (a commit survives a
@@ -46,11 +103,17 @@ def make_engine(url: str, *, pool_size: int = 10, durable_commits: bool = True) 
         )
         synchronous = "FULL" if durable_commits else "NORMAL"
 
+        gate = write_gate or SqliteWriteGate()
+        gate.install(engine)
+
         def on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
             _sqlite_on_connect(dbapi_connection, synchronous)
 
+        def on_begin(connection: Any) -> None:
+            _sqlite_on_begin(connection, gate)
+
         event.listen(engine, "connect", on_connect)
-        event.listen(engine, "begin", _sqlite_on_begin)
+        event.listen(engine, "begin", on_begin)
         return engine
     connect_args = {} if durable_commits else {"options": "-c synchronous_commit=off"}
     return create_engine(
@@ -98,14 +161,19 @@ def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, synchronous: str) -
     cursor.close()
 
 
-def _sqlite_on_begin(connection: Any) -> None:
+def _sqlite_on_begin(connection: Any, gate: SqliteWriteGate) -> None:
     # straight on the sqlite3 connection: through exec_driver_sql this statement cost
     # about as much as the rest of a small instance's transaction
     raw = connection.connection.dbapi_connection
     if connection.get_execution_options().get(READ_ONLY_OPTION):
         raw.execute("BEGIN")  # a WAL reader: no write lock taken or awaited
-    else:
+        return
+    gate.enter(raw)
+    try:
         raw.execute("BEGIN IMMEDIATE")
+    except BaseException:
+        gate.leave(raw)
+        raise
 
 
 def make_sessions(engine: Engine) -> sessionmaker[Session]:

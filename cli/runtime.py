@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from cli.database import (
+    SqliteWriteGate,
     current_revision,
     durability_barrier,
     head_revision,
@@ -67,6 +68,7 @@ class Runtime:
     planner: Planner
     wakeups: Wakeups
     gate: AccessGate
+    write_gate: SqliteWriteGate
     journal: IngestJournal | None = None
 
     def close(self) -> None:
@@ -87,7 +89,10 @@ def configure_pynetdicom() -> None:
 def build_runtime(settings: Settings) -> Runtime:
     """Wire the settings to the archive, index and metrics (no network yet)."""
     node = settings.node
-    engine = make_engine(node.effective_database_url, pool_size=node.max_associations + 2)
+    write_gate = SqliteWriteGate()
+    engine = make_engine(
+        node.effective_database_url, pool_size=node.max_associations + 2, write_gate=write_gate
+    )
     sessions = make_sessions(engine)
     files = InstanceFiles(node.data_dir)
     index = ArchiveIndex(sessions)
@@ -141,6 +146,7 @@ def build_runtime(settings: Settings) -> Runtime:
         planner=planner,
         wakeups=wakeups,
         gate=AccessGate(resolve_archived, consent.decide),
+        write_gate=write_gate,
         journal=(
             IngestJournal(node.data_dir / "journal", node.journal_segment_mb * 1024 * 1024)
             if node.journal_segment_mb
@@ -154,8 +160,9 @@ class Ingest:
 
     :meth:`start` prepares the archive directories, takes the journal lock, replays what a
     crash left in the journal, then attaches the journal to the archive: from then on an
-    instance is durable once its journal record is synced, index commits do not wait for
-    their own sync, and the archive files are written in the background. :meth:`stop`
+    instance is durable once its journal record is synced, index commits (and the
+    forwarders' claims and acknowledgements) do not wait for their own sync, and the
+    archive files are written in the background. :meth:`stop`
     writes what is queued and makes every file and index row durable.
     """
 
@@ -185,13 +192,14 @@ class Ingest:
             journal.close()
             raise
         node = runtime.settings.node
-        runtime.index.defer_durability(
-            make_engine(
-                node.effective_database_url,
-                pool_size=node.max_associations + 2,
-                durable_commits=False,
-            )
+        ingest_engine = make_engine(
+            node.effective_database_url,
+            pool_size=node.max_associations + 2,
+            durable_commits=False,
+            write_gate=runtime.write_gate,
         )
+        runtime.index.defer_durability(ingest_engine)
+        runtime.queue.defer_bookkeeping(make_sessions(ingest_engine))
         self._writer = FileWriter(runtime.files)
         self._writer.start()
         runtime.archive.attach_journal(journal, self._writer)

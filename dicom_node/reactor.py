@@ -112,7 +112,8 @@ def _text(value: bytes) -> str:
     return value.decode("latin-1").rstrip("\x00 ").lstrip(" ")
 
 
-def _ui_element(element: int, value: str) -> bytes:
+def ui_element(element: int, value: str) -> bytes:
+    """An implicit VR little endian UI element of a command set (NUL padded)."""
     raw = value.encode("ascii")
     if len(raw) % 2:
         raw += b"\x00"
@@ -127,12 +128,12 @@ def store_response_pdu(context_id: int, request: C_STORE, status: int) -> bytes:
     """
     body = b"".join(
         (
-            _ui_element(0x0002, str(request.AffectedSOPClassUID)),
+            ui_element(0x0002, str(request.AffectedSOPClassUID)),
             struct.pack("<HHIH", 0, 0x0100, 2, 0x8001),
             struct.pack("<HHIH", 0, 0x0120, 2, request.MessageID),
             struct.pack("<HHIH", 0, 0x0800, 2, 0x0101),
             struct.pack("<HHIH", 0, 0x0900, 2, status),
-            _ui_element(0x1000, str(request.AffectedSOPInstanceUID)),
+            ui_element(0x1000, str(request.AffectedSOPInstanceUID)),
         )
     )
     command = struct.pack("<HHII", 0, 0, 4, len(body)) + body
@@ -149,6 +150,27 @@ class _PendingStore:
         self.context = context
         self.request = request
         self.fragments: list[memoryview] = []
+
+
+class StoreResponseWaiter:
+    """A C-STORE-RSP awaited by :class:`dicom_node.store_scu.StoreSender`."""
+
+    __slots__ = ("_done", "message_id", "status")
+
+    def __init__(self, message_id: int) -> None:
+        self.message_id = message_id
+        self.status: int | None = None
+        self._done = threading.Event()
+
+    def complete(self, status: int | None) -> None:
+        """Record the response's status (``None``: no response will come)."""
+        self.status = status
+        self._done.set()
+
+    def wait(self, timeout: float) -> int | None:
+        """The status, or ``None`` after ``timeout`` seconds or without a response."""
+        self._done.wait(timeout)
+        return self.status
 
 
 class NotifyingQueue(queue.Queue[_T]):
@@ -190,6 +212,8 @@ class GatewayDUL(DULServiceProvider):
         # request whose data set is being read
         self._command: list[tuple[int, int, memoryview]] = []
         self._pending: _PendingStore | None = None
+        # C-STORE SCU fast path: the response a StoreSender waits for
+        self._store_waiter: StoreResponseWaiter | None = None
 
     # -- waking ----------------------------------------------------------------------
 
@@ -221,9 +245,25 @@ class GatewayDUL(DULServiceProvider):
         try:
             self._run()
         finally:
+            waiter, self._store_waiter = self._store_waiter, None
+            if waiter is not None:
+                waiter.complete(None)  # the association is gone: no response will come
             for sock in (self._wake_r, self._wake_w):
                 sock.close()
             self._on_user_activity()
+
+    def expect_store_response(self, message_id: int) -> StoreResponseWaiter:
+        """Register the C-STORE-RSP to ``message_id`` for the fast path to pick out."""
+        waiter = StoreResponseWaiter(message_id)
+        self._store_waiter = waiter
+        if self._kill_thread:
+            waiter.complete(None)
+        return waiter
+
+    def forget_store_response(self, waiter: StoreResponseWaiter) -> None:
+        """Stop waiting (answered, timed out or failed)."""
+        if self._store_waiter is waiter:
+            self._store_waiter = None
 
     def _run(self) -> None:
         self._idle_timer.start()
@@ -342,7 +382,7 @@ class GatewayDUL(DULServiceProvider):
             )
             self.event_queue.put("Evt17")
             return
-        if pdu_type == 0x04 and self._fast_p_data(body):
+        if pdu_type == 0x04 and (self._fast_p_data(body) or self._fast_store_response(body)):
             return
         header.extend(body)
         try:
@@ -415,6 +455,27 @@ class GatewayDUL(DULServiceProvider):
             if control & 2 and not self._start_store():
                 self._forward(values[index + 1 :])
                 return True
+        return True
+
+    def _fast_store_response(self, body: bytearray) -> bool:
+        """Take the awaited C-STORE-RSP: one PDV holding a whole command set whose
+        command field, message ID and status say so. Anything else: pynetdicom's."""
+        waiter = self._store_waiter
+        if waiter is None or len(body) < 6:
+            return False
+        (length,) = struct.unpack_from(">I", body, 0)
+        if length != len(body) - 4 or body[5] != 0x03:  # one PDV: command, last fragment
+            return False
+        elements = _decode_command(bytes(body[6:]))
+        if (
+            elements is None
+            or _us(elements.get(0x0100, b"")) != 0x8001
+            or _us(elements.get(0x0120, b"")) != waiter.message_id
+            or _us(elements.get(0x0900, b"")) is None
+        ):
+            return False
+        self._store_waiter = None
+        waiter.complete(_us(elements[0x0900]))
         return True
 
     def _give_up(self, _reason: None) -> bool:

@@ -6,11 +6,13 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterable
 from copy import deepcopy
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
@@ -51,6 +53,24 @@ class _RequestorSocket(AssociationSocket):
     """Acknowledges every read at once (TCP_QUICKACK): a destination that leaves Nagle's
     algorithm on (Debian's DCMTK and Orthanc do) writes a response in two segments and
     would otherwise wait for our delayed ACK, about 40 ms per instance."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._send_lock = threading.Lock()
+
+    def send(self, bytestream: bytes) -> None:
+        """pynetdicom's send, serialised with :meth:`send_raw`."""
+        with self._send_lock:
+            super().send(bytestream)
+
+    def send_raw(self, data: bytes | bytearray | memoryview) -> None:
+        """Write bytes from another thread than the DUL's (the C-STORE fast path);
+        raises :class:`OSError` if the connection is gone."""
+        with self._send_lock:
+            sock = self.socket
+            if sock is None:
+                raise OSError("association socket closed")
+            sock.sendall(data)
 
     def recv(self, nr_bytes: int) -> bytearray:
         data = super().recv(nr_bytes)

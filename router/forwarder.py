@@ -27,6 +27,7 @@ from pynetdicom.presentation import PresentationContext
 from config.settings import NodeSettings, PeerSettings, Settings
 from dicom_node.archive.files import InstanceFiles
 from dicom_node.scu import ScuError, connect
+from dicom_node.store_scu import StoreSender
 from router.decisions import Decide, Outcome, failed
 from router.queue import ClaimedJob, JobQueue
 
@@ -48,8 +49,11 @@ class ForwarderOptions:
 class _Link:
     """One open association to a destination and the contexts it accepted."""
 
-    def __init__(self, assoc: Association, proposed: set[tuple[str, str]]) -> None:
+    def __init__(
+        self, assoc: Association, proposed: set[tuple[str, str]], dimse_timeout: float
+    ) -> None:
         self.assoc = assoc
+        self.sender = StoreSender(assoc, dimse_timeout)
         self.proposed = proposed
         self.accepted = {
             (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
@@ -174,28 +178,30 @@ class DestinationWorker(threading.Thread):
             self._unreachable = str(exc)
             self._queue.retry_later(job, self._owner, str(exc))
             return
-        key = (job.sop_class_uid, job.transfer_syntax_uid)
-        payload: Any
-        if key in link.accepted:
-            payload = path
-        else:
-            payload = _decompressed(path, job, link)
-            if payload is None:
-                self._queue.retry_later(
-                    job,
-                    self._owner,
-                    "destination accepts neither the stored nor an uncompressed syntax",
-                    permanent=True,
-                )
-                return
+        code: int | None
         try:
-            status = link.assoc.send_c_store(payload)
+            if link.sender.accepts(job.sop_class_uid, job.transfer_syntax_uid):
+                # the stored bytes, straight from the file (dicom_node.store_scu)
+                code = link.sender.send(
+                    path, job.sop_class_uid, job.sop_instance_uid, job.transfer_syntax_uid
+                )
+            else:
+                payload = _decompressed(path, job, link)
+                if payload is None:
+                    self._queue.retry_later(
+                        job,
+                        self._owner,
+                        "destination accepts neither the stored nor an uncompressed syntax",
+                        permanent=True,
+                    )
+                    return
+                status = link.assoc.send_c_store(payload)
+                code = int(status.Status) if status is not None and "Status" in status else None
         except (OSError, ValueError, AttributeError, RuntimeError) as exc:
             self._drop_link()
             self._queue.retry_later(job, self._owner, f"send failed: {type(exc).__name__}")
             return
         link.last_used = time.monotonic()
-        code = int(status.Status) if status is not None and "Status" in status else None
         if code is None:
             # no response: association lost or the response went astray; resend later
             self._drop_link()
@@ -222,7 +228,7 @@ class DestinationWorker(threading.Thread):
         contexts = _contexts(wanted)
         assoc = connect(self._node, self._peer, contexts)
         proposed = {(str(cx.abstract_syntax), ts) for cx in contexts for ts in cx.transfer_syntax}
-        self._link = _Link(assoc, proposed | wanted)
+        self._link = _Link(assoc, proposed | wanted, self._node.dimse_timeout)
         return self._link
 
     def _release_if_idle(self) -> None:

@@ -93,8 +93,23 @@ class JobQueue:
         clock: Clock = utcnow,
     ) -> None:
         self._sessions = sessions
+        # claims and acknowledgements: see defer_bookkeeping()
+        self._bookkeeping = sessions
         self.policy = policy or RetryPolicy()
         self._clock = clock
+
+    def defer_bookkeeping(self, sessions: sessionmaker[Session]) -> None:
+        """Commit claims and acknowledgements through ``sessions`` (a serving node's
+        ingest engine, whose commits do not wait for their own sync).
+
+        A power loss may then undo the latest claims (the jobs are claimable again) and
+        acknowledgements (the instances are sent again: delivery is at least once, and a
+        destination keeps one copy per SOP Instance UID). Consent is re-checked before
+        every send whatever the job's recorded state, so an undone state change can never
+        let an instance out that consent does not allow. Holds, drops and retries stay on
+        durable commits.
+        """
+        self._bookkeeping = sessions
 
     # -- creation (inside the caller's transaction) --------------------------------
 
@@ -132,7 +147,7 @@ class JobQueue:
         """Claim up to ``limit`` sendable jobs for ``destination`` under a lease."""
         now = self._clock()
         lease = now + timedelta(seconds=self.policy.lease_seconds)
-        with self._sessions.begin() as session:
+        with self._bookkeeping.begin() as session:
             ids = list(
                 session.scalars(
                     select(ForwardJob.id)
@@ -175,11 +190,12 @@ class JobQueue:
             ).all()
         return [ClaimedJob(*row) for row in rows]
 
-    def _finish(self, job_id: int, owner: str, **values: Any) -> bool:
+    def _finish(self, job_id: int, owner: str, *, bookkeeping: bool = False, **values: Any) -> bool:
         values.setdefault("lease_owner", "")
         values.setdefault("lease_until", None)
         values["updated_at"] = self._clock()
-        with self._sessions.begin() as session:
+        sessions = self._bookkeeping if bookkeeping else self._sessions
+        with sessions.begin() as session:
             result = session.execute(
                 update(ForwardJob)
                 .where(
@@ -193,7 +209,9 @@ class JobQueue:
 
     def complete(self, job_id: int, owner: str) -> bool:
         """The destination acknowledged the instance."""
-        return self._finish(job_id, owner, state=JobState.DONE.value, last_error="")
+        return self._finish(
+            job_id, owner, bookkeeping=True, state=JobState.DONE.value, last_error=""
+        )
 
     def complete_many(self, job_ids: Sequence[int], owner: str) -> int:
         """Several acknowledged jobs recorded in one transaction."""
@@ -205,6 +223,7 @@ class JobQueue:
                 ForwardJob.state == JobState.SENDING.value,
                 ForwardJob.lease_owner == owner[:64],
             ],
+            bookkeeping=True,
             state=JobState.DONE.value,
             last_error="",
             lease_owner="",
@@ -289,9 +308,10 @@ class JobQueue:
             last_error=reason[:255],
         )
 
-    def _bulk(self, conditions: Sequence[Any], **values: Any) -> int:
+    def _bulk(self, conditions: Sequence[Any], *, bookkeeping: bool = False, **values: Any) -> int:
         values["updated_at"] = self._clock()
-        with self._sessions.begin() as session:
+        sessions = self._bookkeeping if bookkeeping else self._sessions
+        with sessions.begin() as session:
             result = session.execute(update(ForwardJob).where(*conditions).values(**values))
             return int(result.rowcount)  # type: ignore[attr-defined]
 
