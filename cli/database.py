@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -125,13 +126,14 @@ def make_engine(
     )
 
 
-def durability_barrier(engine: Engine) -> Callable[[], None]:
+def durability_barrier(engine: Engine, synced_device: int | None = None) -> Callable[[], None]:
     """A call that returns once every transaction committed before it is on disk.
 
     PostgreSQL: a transaction that takes a transaction id commits with
     ``synchronous_commit=on`` (``engine`` must be a durable-commit engine), which flushes
     the WAL up to its commit record, so every earlier asynchronous commit too. SQLite:
-    a sync of the file system holding the database (its WAL).
+    a sync of the file system holding the database (its WAL), unless that is
+    ``synced_device``, which the caller syncs anyway.
     """
     if engine.dialect.name == "postgresql":
 
@@ -142,10 +144,11 @@ def durability_barrier(engine: Engine) -> Callable[[], None]:
         return flush_postgresql
     database = engine.url.database
     directory = Path(database).resolve().parent if database and database != ":memory:" else None
+    if directory is None or os.stat(directory).st_dev == synced_device:
+        return lambda: None
 
     def flush_sqlite() -> None:
-        if directory is not None:
-            sync_filesystem(directory)
+        sync_filesystem(directory)
 
     return flush_sqlite
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -29,7 +30,7 @@ from consent.service import ConsentStore
 from dicom_node.archive.files import InstanceFiles
 from dicom_node.archive.flusher import JournalFlusher
 from dicom_node.archive.index import ArchiveIndex
-from dicom_node.archive.journal import IngestJournal
+from dicom_node.archive.journal import IngestJournal, sync_filesystem
 from dicom_node.archive.recovery import ReplayReport, replay_journal
 from dicom_node.archive.service import Archive
 from dicom_node.archive.writer import FileWriter
@@ -181,8 +182,8 @@ class Ingest:
         journal = runtime.journal
         if journal is None:
             return
-        barrier = durability_barrier(runtime.engine)
         journal.lock()
+        barrier = self._barrier(journal)
         try:
             self.replay = replay_journal(
                 journal, runtime.files, runtime.index, self._reindex, barrier
@@ -205,6 +206,21 @@ class Ingest:
         runtime.archive.attach_journal(journal, self._writer)
         self._flusher = JournalFlusher(journal, self._flush_interval)
         self._flusher.start()
+
+    def _barrier(self, journal: IngestJournal) -> Callable[[], None]:
+        """What a checkpoint must make durable besides the journal's file system: the
+        archive's file system (if another) and the database."""
+        synced = os.stat(journal.directory).st_dev
+        archive_root = self._runtime.files.root
+        sync_archive = os.stat(archive_root).st_dev != synced
+        database = durability_barrier(self._runtime.engine, synced)
+
+        def barrier() -> None:
+            if sync_archive:
+                sync_filesystem(archive_root)
+            database()
+
+        return barrier
 
     def _reindex(self, part10: bytes) -> None:
         """Store a journalled Part 10 file again (replay), as its sender sent it."""

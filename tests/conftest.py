@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -214,6 +214,21 @@ def storescu(
         running.port,
         *(f.path for f in files),
     )
+
+
+def store_files(
+    runtime: Runtime, files: Iterable[CorpusFile], calling_ae: str, default_issuer: str = ""
+) -> None:
+    """Receive ``files`` through the archive's real store path, as from ``calling_ae``."""
+    for f in files:
+        runtime.archive.store(
+            dataset_bytes(f.path),
+            transfer_syntax_uid=f.transfer_syntax_uid,
+            command_sop_class_uid=f.sop_class_uid,
+            command_sop_instance_uid=f.sop_instance_uid,
+            calling_ae=calling_ae,
+            default_issuer=default_issuer,
+        )
 
 
 def dataset_bytes(path: Path) -> bytes:

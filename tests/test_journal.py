@@ -32,6 +32,7 @@ from tests.conftest import (
     free_port,
     indexed_instances,
     prepare_runtime,
+    store_files,
     wait_until,
     write_config,
 )
@@ -324,14 +325,7 @@ def test_segments_are_recycled_while_receiving(tmp_path: Path, db_url: str) -> N
     ingest = Ingest(runtime, flush_interval=0.05)
     try:
         ingest.start()
-        for f in files:
-            runtime.archive.store(
-                dataset_bytes(f.path),
-                transfer_syntax_uid=f.transfer_syntax_uid,
-                command_sop_class_uid=f.sop_class_uid,
-                command_sop_instance_uid=f.sop_instance_uid,
-                calling_ae="MODALITY",
-            )
+        store_files(runtime, files, "MODALITY")
         journal = runtime.journal
         assert journal is not None
         # once the background writer has written them, everything before the active
@@ -392,14 +386,7 @@ def test_journal_off_stores_directly(tmp_path: Path, db_url: str) -> None:
     ingest = Ingest(runtime)
     try:
         ingest.start()
-        for f in files:
-            runtime.archive.store(
-                dataset_bytes(f.path),
-                transfer_syntax_uid=f.transfer_syntax_uid,
-                command_sop_class_uid=f.sop_class_uid,
-                command_sop_instance_uid=f.sop_instance_uid,
-                calling_ae="MODALITY",
-            )
+        store_files(runtime, files, "MODALITY")
     finally:
         ingest.stop()
         runtime.close()

@@ -46,12 +46,12 @@ from router.retention import (
 from tests.conftest import (
     ISSUER,
     MODALITY_AE,
-    dataset_bytes,
     free_port,
     indexed_instances,
     prepare_runtime,
     seed_patient,
     seed_purpose,
+    store_files,
     toml_routes,
     write_config,
 )
@@ -141,16 +141,7 @@ class Env:
 
     def store(self, *names: str) -> None:
         """Receive these files as from the modality (the archive's real store path)."""
-        for name in names:
-            f = self.files[name]
-            self.runtime.archive.store(
-                dataset_bytes(f.path),
-                transfer_syntax_uid=f.transfer_syntax_uid,
-                command_sop_class_uid=f.sop_class_uid,
-                command_sop_instance_uid=f.sop_instance_uid,
-                calling_ae=MODALITY_AE,
-                default_issuer=ISSUER,
-            )
+        store_files(self.runtime, [self.files[name] for name in names], MODALITY_AE, ISSUER)
 
     def uid(self, name: str) -> str:
         return self.files[name].sop_instance_uid

@@ -25,11 +25,11 @@ from router.models import JobState
 from tests.conftest import (
     ISSUER,
     MODALITY_AE,
-    dataset_bytes,
     free_port,
     job_states,
     seed_patient,
     seed_purpose,
+    store_files,
     toml_routes,
     write_config,
 )
@@ -57,15 +57,7 @@ class Env:
     def store(self, *roles: str) -> None:
         """Receive these files as from the modality (the archive's real store path)."""
         for role in roles:
-            for f in self.files[role]:
-                self.runtime.archive.store(
-                    dataset_bytes(f.path),
-                    transfer_syntax_uid=f.transfer_syntax_uid,
-                    command_sop_class_uid=f.sop_class_uid,
-                    command_sop_instance_uid=f.sop_instance_uid,
-                    calling_ae=MODALITY_AE,
-                    default_issuer=ISSUER,
-                )
+            store_files(self.runtime, self.files[role], MODALITY_AE, ISSUER)
 
     def states(self, role: str) -> set[str]:
         states = job_states(self.runtime)

@@ -23,7 +23,7 @@ from pynetdicom import AE, build_context, evt
 from config.settings import NodeSettings, PeerSettings
 from dicom_node.scu import connect
 from dicom_node.store_scu import StoreSender
-from tests.conftest import dataset_bytes, free_port
+from tests.conftest import dataset_bytes, free_port, wait_until
 from tests.corpus import CorpusFile, make_small_series
 
 DEST_AE = "FASTDEST"
@@ -157,4 +157,4 @@ def test_an_association_that_goes_away_ends_the_wait_at_once(
     started = time.monotonic()
     assert _send(sender, series[0]) is None
     assert time.monotonic() - started < 10, "waited for the timeout instead"
-    assert not assoc.is_established
+    wait_until(lambda: not assoc.is_established, 5, "association seen as aborted")

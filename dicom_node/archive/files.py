@@ -129,10 +129,14 @@ class InstanceFiles:
             raise
 
     def commit(self, staged: Path, relative_path: str) -> None:
-        """Atomically move a staged file to its final place and make the rename durable."""
+        """Atomically move a staged file to its final place and make the rename durable.
+
+        A background write of the same path still pending is waited for first, so that
+        it cannot land over this file.
+        """
         if not self._layout_ready:
             self._create_layout()
-        final = self.root / relative_path
+        final = self.absolute(relative_path)
         parent = final.parent
         created = [] if parent.is_dir() else self._makedirs(parent)
         os.replace(staged, final)
