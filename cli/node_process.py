@@ -55,6 +55,7 @@ class NodeProcess:
             batch_size=tuning.batch_size,
             poll_interval=tuning.poll_interval,
             idle_release=tuning.idle_release,
+            batch_linger=tuning.batch_linger,
         )
         sync_interval = tuning.consent_poll_interval if sync_interval is None else sync_interval
         sweep_interval = tuning.consent_sweep_interval if sweep_interval is None else sweep_interval

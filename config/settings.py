@@ -68,6 +68,7 @@ class RouterSettings:
     retry_max_delay: float = 300.0
     lease_seconds: float = 120.0
     batch_size: int = 64
+    batch_linger: float = 0.05
     poll_interval: float = 0.5
     idle_release: float = 5.0
     consent_poll_interval: float = 1.0
@@ -246,6 +247,7 @@ def _parse_router(tbl: Mapping[str, Any], source: str) -> RouterSettings:
         retry_max_delay=_float(tbl, "retry_max_delay", defaults.retry_max_delay, source, "router"),
         lease_seconds=_float(tbl, "lease_seconds", defaults.lease_seconds, source, "router"),
         batch_size=_int(tbl, "batch_size", defaults.batch_size, source, "router", 1, 1000),
+        batch_linger=_float(tbl, "batch_linger", defaults.batch_linger, source, "router"),
         poll_interval=_float(tbl, "poll_interval", defaults.poll_interval, source, "router"),
         idle_release=_float(tbl, "idle_release", defaults.idle_release, source, "router"),
         consent_poll_interval=_float(

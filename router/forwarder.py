@@ -44,6 +44,7 @@ class ForwarderOptions:
     batch_size: int = 64
     poll_interval: float = 0.5
     idle_release: float = 5.0
+    batch_linger: float = 0.05
 
 
 class _Link:
@@ -121,6 +122,9 @@ class DestinationWorker(threading.Thread):
                 self._wake.clear()
                 continue
             self._process(jobs)
+            if len(jobs) < self._options.batch_size:
+                # let the next jobs gather: one claim and one acknowledgement for several
+                self._stopping.wait(self._options.batch_linger)
         self._close_link()
 
     def _record_acknowledged(self) -> None:

@@ -77,6 +77,12 @@ class ArchiveIndex:
         ``BEGIN IMMEDIATE`` write lock for a lookup). Raises :class:`SQLAlchemyError`.
         """
         dbapi_error = self._engine.dialect.dbapi.Error  # type: ignore[union-attr]
+        if self._engine.dialect.name == "sqlite":
+            # on a connection the store path keeps (autocommit: no transaction is begun)
+            try:
+                return self._writers.lookup(self._has_instance_sql, (sop_instance_uid,))
+            except dbapi_error as exc:
+                raise SQLAlchemyError(f"index lookup failed ({type(exc).__name__})") from exc
         try:
             raw = self._engine.raw_connection()
             try:
@@ -299,6 +305,26 @@ class _WriterConnections:
                 self._idle.append((conn, time.monotonic()))
                 return
         conn.close()
+
+    def lookup(self, sql: str, parameters: tuple[Any, ...]) -> bool:
+        """Whether ``sql`` returns a row, read outside any transaction (SQLite only: its
+        connections are in autocommit mode, so no transaction is begun)."""
+        conn = self._take()
+        try:
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                found = cursor.execute(sql, parameters).fetchone() is not None
+            finally:
+                cursor.close()
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            if len(self._idle) < self._keep:
+                self._idle.append((conn, time.monotonic()))
+                return found
+        conn.close()
+        return found
 
     def close(self) -> None:
         """Give every kept connection back to the pool."""
