@@ -207,6 +207,11 @@ class Ingest:
         self._flusher = JournalFlusher(journal, self._flush_interval)
         self._flusher.start()
 
+    @property
+    def archive_writes_failing(self) -> bool:
+        """Whether the background writer cannot write archive files (stores refused)."""
+        return self._writer is not None and self._writer.failing
+
     def _barrier(self, journal: IngestJournal) -> Callable[[], None]:
         """What a checkpoint must make durable besides the journal's file system: the
         archive's file system (if another) and the database."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from cli.runtime import Ingest, build_runtime
 from config.settings import ConfigError, load_settings
 from dicom_node.archive.journal import _RECORD_HEADER, IngestJournal, JournalLocked
 from dicom_node.archive.models import Instance, Series, Study
+from dicom_node.errors import StorageFailure
 from router.models import ForwardJob
 from tests.conftest import (
     CONSENTGATE_BIN,
@@ -345,6 +347,40 @@ def test_segments_are_recycled_while_receiving(tmp_path: Path, db_url: str) -> N
         assert dataset_bytes(data_dir / "archive" / indexed[f.sop_instance_uid]) == dataset_bytes(
             f.path
         )
+
+
+def test_an_unwritable_archive_refuses_new_stores_and_loses_nothing(
+    tmp_path: Path, db_url: str
+) -> None:
+    data_dir = tmp_path / "data"
+    config = _config(tmp_path, db_url)
+    first, blocked, later = make_small_series(tmp_path / "small", 3)
+    runtime = build_runtime(load_settings(config))
+    ingest = Ingest(runtime)
+    try:
+        ingest.start()
+        store_files(runtime, [first], "MODALITY")
+        assert runtime.files.absolute(indexed_path_for(first.sop_instance_uid)).is_file()
+        # the directory the next file goes to is replaced by a file: writes there fail
+        directory = data_dir / "archive" / indexed_path_for(blocked.sop_instance_uid)[:2]
+        shutil.rmtree(directory)
+        directory.write_bytes(b"")
+        store_files(runtime, [blocked], "MODALITY")  # durable in the journal: acknowledged
+        wait_until(lambda: ingest.archive_writes_failing, 10, "writer reports the failure")
+        with pytest.raises(StorageFailure):
+            store_files(runtime, [later], "MODALITY")
+        assert set(indexed_instances(db_url)) == {first.sop_instance_uid, blocked.sop_instance_uid}
+        # the disk is repaired: the writer's retry places the file, stores are taken again
+        directory.unlink()
+        directory.mkdir()
+        wait_until(lambda: not ingest.archive_writes_failing, 10, "writer recovers")
+        stored = runtime.files.absolute(indexed_path_for(blocked.sop_instance_uid))
+        assert dataset_bytes(stored) == dataset_bytes(blocked.path)
+        store_files(runtime, [later], "MODALITY")
+        assert len(indexed_instances(db_url)) == 3
+    finally:
+        ingest.stop()
+        runtime.close()
 
 
 def test_one_serving_process_per_data_directory(tmp_path: Path, db_url: str) -> None:

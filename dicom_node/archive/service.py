@@ -257,6 +257,9 @@ class Archive:
         journal, writer = self._journal, self._writer
         size = len(chunks[0]) + len(chunks[1])
         try:
+            if writer is not None and writer.failing:
+                # the archive disk refuses writes: say so now rather than queue more
+                raise StorageFailure("the archive cannot be written")
             if journal is not None and writer is not None and size <= journal.max_payload:
                 ticket = journal.append(sop_instance_uid, relative, chunks, sync=False)
                 self.files.reserve(relative)

@@ -36,6 +36,12 @@ class FileWriter:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="archive-writer", daemon=True)
         self.failures = 0
+        self._failing = False
+
+    @property
+    def failing(self) -> bool:
+        """Whether the last write attempt failed (new stores are then refused)."""
+        return self._failing
 
     def start(self) -> None:
         """Start the thread."""
@@ -80,9 +86,11 @@ class FileWriter:
             while True:
                 try:
                     self._files.write_unsynced(relative, chunks)
+                    self._failing = False
                     return True
                 except OSError as exc:
                     self.failures += 1
+                    self._failing = True
                     LOG.error(
                         "cannot write an archive file (%s); the journal keeps it",
                         exc.strerror or type(exc).__name__,
