@@ -380,6 +380,20 @@ def terminate_on_sigterm() -> Iterator[None]:
 # --------------------------------------------------------------------------- statistics
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds used so far by process ``pid`` (all its threads, ended
+    ones included), from ``/proc/<pid>/stat``; ``None`` where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            stat = fh.read()
+        # fields after the command name (which may hold spaces) in parentheses
+        fields = stat[stat.rindex(")") + 2 :].split()
+        ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+        return ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def median(values: Sequence[float]) -> float:
     """Median of a non-empty sequence."""
     return float(statistics.median(values))

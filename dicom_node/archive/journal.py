@@ -160,7 +160,7 @@ class IngestJournal:
 
     @property
     def is_open(self) -> bool:
-        """Whether :meth:`open` succeeded and :meth:`close` has not been called."""
+        """Whether :meth:`start` succeeded and :meth:`close` has not been called."""
         return self._open
 
     def lock(self) -> None:
