@@ -58,7 +58,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.db import reading
 from consent.audit import append_audit, lock_for_write
-from dicom_node.archive.files import InstanceFiles
+from dicom_node.archive.files import InstanceFiles, fsync_directory
 from dicom_node.archive.models import Instance, Patient, Series, Study
 from router.models import ForwardJob, JobState
 
@@ -433,7 +433,7 @@ def remove_if_unchanged(files: InstanceFiles, doomed: DoomedFile) -> bool:
     if _identity_of(trash) != doomed.identity:
         try:
             os.link(trash, path)
-            _fsync_dir(path.parent)
+            fsync_directory(path.parent)
         except FileExistsError:
             pass  # yet another copy was placed meanwhile: it is the one indexed
         trash.unlink(missing_ok=True)
@@ -445,11 +445,3 @@ def remove_if_unchanged(files: InstanceFiles, doomed: DoomedFile) -> bool:
 def _identity_of(path: Path) -> tuple[int, int, int, int]:
     info = os.stat(path)
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -140,9 +140,9 @@ class InstanceFiles:
         parent = final.parent
         created = [] if parent.is_dir() else self._makedirs(parent)
         os.replace(staged, final)
-        _fsync_dir(parent)
+        fsync_directory(parent)
         for directory in created:
-            _fsync_dir(directory.parent)
+            fsync_directory(directory.parent)
 
     def _create_layout(self) -> None:
         """Create the 256 ``<ab>`` directories once (before the first file is placed)."""
@@ -157,7 +157,7 @@ class InstanceFiles:
                 except FileExistsError:
                     pass
             if created:
-                _fsync_dir(self.root)
+                fsync_directory(self.root)
             self._layout_ready = True
 
     def discard(self, staged: Path) -> None:
@@ -206,7 +206,8 @@ def _write_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview]) -> int
     return total
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Make the entries of ``directory`` (created, renamed, removed files) durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -52,6 +52,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicom_node.archive.files import fsync_directory
+
 LOG = logging.getLogger(__name__)
 
 PAGE = 4096
@@ -472,11 +474,7 @@ class IngestJournal:
             os.replace(path, self.directory / f"free-{os.urandom(6).hex()}.jnl")
 
     def _fsync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(self.directory)
 
 
 def read_payload(record: JournalRecord) -> bytes:
