@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -12,7 +13,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from sqlalchemy import text
 
-from cli.runtime import Runtime
+from cli.runtime import Ingest, Runtime
 
 LOG = logging.getLogger(__name__)
 
@@ -24,8 +25,9 @@ class _QuietHandler(WSGIRequestHandler):
         LOG.debug("http: " + format, *args)
 
 
-def health(runtime: Runtime) -> tuple[bool, dict[str, str]]:
-    """Check the database answers and the archive directories are writable."""
+def health(runtime: Runtime, ingest: Ingest | None = None) -> tuple[bool, dict[str, str]]:
+    """Check the database answers, the archive directories are writable and, for a
+    serving node, that journal checkpoints and archive writes succeed."""
     checks: dict[str, str] = {}
     try:
         with runtime.engine.connect() as connection:
@@ -33,14 +35,16 @@ def health(runtime: Runtime) -> tuple[bool, dict[str, str]]:
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"error: {type(exc).__name__}"
-    import os
-
     for name, path in (("archive", runtime.files.root), ("staging", runtime.files.tmp)):
         checks[name] = "ok" if os.access(path, os.W_OK) else "error: not writable"
-    return all(v == "ok" for v in checks.values()), checks
+    if ingest is not None:
+        checks.update(ingest.health())
+    return not any(v.startswith("error") for v in checks.values()), checks
 
 
-def make_app(runtime: Runtime, registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
+def make_app(
+    runtime: Runtime, registry: CollectorRegistry, ingest: Ingest | None = None
+) -> Callable[..., Iterable[bytes]]:
     """The WSGI application serving the two endpoints."""
     metrics_app = make_wsgi_app(registry)
 
@@ -49,7 +53,7 @@ def make_app(runtime: Runtime, registry: CollectorRegistry) -> Callable[..., Ite
         if path == "/metrics":
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
         if path == "/healthz":
-            ok, checks = health(runtime)
+            ok, checks = health(runtime, ingest)
             body = json.dumps({"status": "ok" if ok else "error", **checks}).encode()
             status = "200 OK" if ok else "503 Service Unavailable"
             start_response(status, [("Content-Type", "application/json")])
@@ -63,9 +67,11 @@ def make_app(runtime: Runtime, registry: CollectorRegistry) -> Callable[..., Ite
 class OpsServer:
     """Serves the operations endpoint in a background thread."""
 
-    def __init__(self, runtime: Runtime, host: str, port: int) -> None:
+    def __init__(
+        self, runtime: Runtime, host: str, port: int, ingest: Ingest | None = None
+    ) -> None:
         self._server: WSGIServer = make_server(
-            host, port, make_app(runtime, runtime.registry), handler_class=_QuietHandler
+            host, port, make_app(runtime, runtime.registry, ingest), handler_class=_QuietHandler
         )
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="ops-http", daemon=True

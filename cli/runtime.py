@@ -207,6 +207,17 @@ class Ingest:
         self._flusher = JournalFlusher(journal, self._flush_interval)
         self._flusher.start()
 
+    def health(self) -> dict[str, str]:
+        """The ingest checks of ``/healthz``: journal checkpoints and archive writes."""
+        if self._runtime.journal is None:
+            return {"journal": "off"}
+        if self._flusher is None or self._writer is None:
+            return {"journal": "error: not started"}
+        return {
+            "journal": "error: checkpoint failing" if self._flusher.last_failed else "ok",
+            "archive_writer": "error: cannot write archive files" if self._writer.failing else "ok",
+        }
+
     @property
     def archive_writes_failing(self) -> bool:
         """Whether the background writer cannot write archive files (stores refused)."""

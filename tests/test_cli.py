@@ -346,6 +346,8 @@ def test_serve_healthz_metrics_and_sigint(
         health = json.loads(body)
         assert health["status"] == "ok"
         assert health["database"] == "ok"
+        assert health["journal"] == "ok"
+        assert health["archive_writer"] == "ok"
 
         running = invoke(config, "status")
         assert "running: yes" in running.output

@@ -21,6 +21,7 @@ import pydicom
 import pytest
 from sqlalchemy import create_engine, delete, select, update
 
+from cli.ops_http import health
 from cli.runtime import Ingest, build_runtime
 from config.settings import ConfigError, load_settings
 from dicom_node.archive.journal import _RECORD_HEADER, IngestJournal, JournalLocked
@@ -51,6 +52,7 @@ CHILD = """
 import json, os, signal, sys
 from pathlib import Path
 from config.settings import load_settings
+from cli.ops_http import health
 from cli.runtime import Ingest, build_runtime
 
 config, manifest, mode = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), sys.argv[3]
@@ -367,6 +369,9 @@ def test_an_unwritable_archive_refuses_new_stores_and_loses_nothing(
         directory.write_bytes(b"")
         store_files(runtime, [blocked], "MODALITY")  # durable in the journal: acknowledged
         wait_until(lambda: ingest.archive_writes_failing, 10, "writer reports the failure")
+        healthy, checks = health(runtime, ingest)  # what /healthz answers (503)
+        assert not healthy
+        assert checks["archive_writer"] == "error: cannot write archive files"
         with pytest.raises(StorageFailure):
             store_files(runtime, [later], "MODALITY")
         assert set(indexed_instances(db_url)) == {first.sop_instance_uid, blocked.sop_instance_uid}
@@ -374,6 +379,7 @@ def test_an_unwritable_archive_refuses_new_stores_and_loses_nothing(
         directory.unlink()
         directory.mkdir()
         wait_until(lambda: not ingest.archive_writes_failing, 10, "writer recovers")
+        assert health(runtime, ingest) == (True, {**checks, "archive_writer": "ok"})
         stored = runtime.files.absolute(indexed_path_for(blocked.sop_instance_uid))
         assert dataset_bytes(stored) == dataset_bytes(blocked.path)
         store_files(runtime, [later], "MODALITY")

@@ -24,6 +24,7 @@ class JournalFlusher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="journal-flusher", daemon=True)
         self.failures = 0
+        self.last_failed = False
 
     def start(self) -> None:
         """Start the thread."""
@@ -35,8 +36,10 @@ class JournalFlusher:
                 continue
             try:
                 self._journal.checkpoint()
+                self.last_failed = False
             except OSError as exc:
                 self.failures += 1
+                self.last_failed = True
                 LOG.error("journal checkpoint failed: %s", exc.strerror or type(exc).__name__)
 
     def stop(self) -> None:
