@@ -231,6 +231,27 @@ def store_files(
         )
 
 
+def storescu_args(port: int, *paths: object) -> list[str]:
+    """A verbose DCMTK storescu command line from the modality to the node on ``port``."""
+    return [
+        "storescu",
+        "-v",
+        "-aet",
+        MODALITY_AE,
+        "-aec",
+        NODE_AE,
+        "-to",
+        "10",
+        "-ta",
+        "10",
+        "-td",
+        "30",
+        "127.0.0.1",
+        str(port),
+        *(str(p) for p in paths),
+    ]
+
+
 def dataset_bytes(path: Path) -> bytes:
     """The bytes of a Part 10 file after its preamble and File Meta Information group,
     i.e. the data set exactly as encoded in the file's transfer syntax."""

@@ -32,6 +32,7 @@ from tests.conftest import (
     free_port,
     indexed_instances,
     storescu_acknowledged,
+    storescu_args,
     write_config,
 )
 from tests.corpus import CorpusFile, make_small_series
@@ -311,26 +312,6 @@ def serve_setup(tmp_path: Path, db_url: str, **node: object) -> tuple[Path, int,
     init = invoke(config, "init")
     assert init.exit_code == 0, init.output
     return config, dicom_port, http_port
-
-
-def storescu_args(port: int, *paths: object) -> list[str]:
-    return [
-        "storescu",
-        "-v",
-        "-aet",
-        MODALITY_AE,
-        "-aec",
-        NODE_AE,
-        "-to",
-        "10",
-        "-ta",
-        "10",
-        "-td",
-        "30",
-        "127.0.0.1",
-        str(port),
-        *(str(p) for p in paths),
-    ]
 
 
 @SQLITE_ONLY

@@ -21,13 +21,12 @@ from sqlalchemy import create_engine, func, select
 from cli.main import cli
 from dicom_node.archive.models import Instance, Series, Study
 from tests.conftest import (
-    MODALITY_AE,
-    NODE_AE,
     ServeProcess,
     dataset_bytes,
     free_port,
     indexed_instances,
     storescu_acknowledged,
+    storescu_args,
     write_config,
 )
 from tests.corpus import make_small_series
@@ -38,24 +37,7 @@ KILL_AFTER_ACKS = 60
 
 def storescu(port: int, directory: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [
-            "storescu",
-            "-v",
-            "-aet",
-            MODALITY_AE,
-            "-aec",
-            NODE_AE,
-            "-to",
-            "10",
-            "-ta",
-            "10",
-            "-td",
-            "30",
-            "127.0.0.1",
-            str(port),
-            str(directory),
-            "+sd",
-        ],
+        storescu_args(port, directory, "+sd"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
