@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 
@@ -24,6 +26,19 @@ IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1517.1"
 IMPLEMENTATION_VERSION = "CONSENTGATE_01"
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
+#: What pydicom raises on bytes it cannot read.
+_PYDICOM_ERRORS = (
+    InvalidDicomError,
+    EOFError,
+    ValueError,
+    TypeError,
+    KeyError,
+    OverflowError,
+    IndexError,
+    AttributeError,
+    NotImplementedError,
+    LookupError,
+)
 
 #: Attributes the index needs, read without touching the pixel data.
 INDEX_KEYWORDS = (
@@ -159,18 +174,7 @@ def parse_header(
         header = _to_header(ds)
     except InvalidInstance:
         raise
-    except (
-        InvalidDicomError,
-        EOFError,
-        ValueError,
-        TypeError,
-        KeyError,
-        OverflowError,
-        IndexError,
-        AttributeError,
-        NotImplementedError,
-        LookupError,
-    ) as exc:
+    except _PYDICOM_ERRORS as exc:
         raise InvalidInstance(f"dataset cannot be parsed ({type(exc).__name__})") from None
     return header, ds
 
@@ -349,20 +353,35 @@ _FIELDS: dict[int, tuple[str, bytes, int]] = {
     0x00280008: ("number_of_frames", b"IS", 0),
 }
 _LAST_FIELD = max(_FIELDS)
+_CHARSET_TAG = 0x00080005
 _UID_FIELDS = ("sop_class_uid", "sop_instance_uid", "study_instance_uid", "series_instance_uid")
 #: Specific character sets whose single-byte or UTF-8 decoding is a plain codec.
 _CODECS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 _TEXT_VRS = frozenset({b"CS", b"DA", b"TM", b"SH", b"LO", b"PN", b"UI", b"IS"})
 
 
+def extra_tags(keywords: Iterable[str]) -> frozenset[int]:
+    """The tags of attribute keywords (unknown keywords are left out)."""
+    tags = (tag_for_keyword(k) for k in keywords)
+    return frozenset(t for t in tags if t is not None)
+
+
 def fast_header(
-    dataset: bytes | bytearray | memoryview, transfer_syntax_uid: str, header_end: int
-) -> InstanceHeader | None:
-    """The index attributes read straight from the encoded top-level elements.
+    dataset: bytes | bytearray | memoryview,
+    transfer_syntax_uid: str,
+    header_end: int,
+    extra: frozenset[int] = frozenset(),
+) -> tuple[InstanceHeader, Dataset] | None:
+    """The index attributes read straight from the encoded top-level elements, and a
+    dataset holding only the top-level elements whose tags are in ``extra``.
 
     Handles the common case (little endian, explicit or implicit VR, single-valued
     plain values in ASCII, Latin-1 or UTF-8) and returns ``None`` for anything else,
-    which :func:`parse_header` (pydicom) then reads: both give identical headers.
+    which :func:`parse_header` (pydicom) then reads: both give identical headers. The
+    ``extra`` elements (what routing needs: any keyword, sequences included) are cut out
+    of the encoding as they are and decoded by pydicom with the dataset's Specific
+    Character Set, so they read exactly as in :func:`parse_header`'s dataset; pydicom
+    only walks those few elements instead of the whole header.
     ``dataset`` must have passed :func:`check_complete`; ``header_end`` is its result.
 
     Raises
@@ -379,9 +398,10 @@ def fast_header(
     data = memoryview(dataset).cast("B")
     if not implicit and len(data) >= 6 and not bytes(data[4:6]).isalpha():
         return None  # pydicom's implicit-VR guess: leave it to pydicom
-    raw = _top_level_values(data, header_end, implicit)
-    if raw is None:
+    walked = _top_level_values(data, header_end, implicit, extra)
+    if walked is None:
         return None
+    raw, spans = walked
     charset_raw = raw.pop("charset", b"")
     if not charset_raw.isascii() or b"\\" in charset_raw:
         return None
@@ -416,7 +436,7 @@ def fast_header(
         for name, _vr, limit in _FIELDS.values()
         if limit
     }
-    return InstanceHeader(
+    header = InstanceHeader(
         sop_class_uid=values["sop_class_uid"],
         sop_instance_uid=values["sop_instance_uid"],
         study_instance_uid=values["study_instance_uid"],
@@ -424,6 +444,23 @@ def fast_header(
         number_of_frames=frames,
         **texts,
     )
+    if not extra:
+        return header, Dataset()
+    try:
+        return header, _read_spans(data, spans, implicit)
+    except _PYDICOM_ERRORS:
+        return None  # parse_header reads it (and says what is wrong)
+
+
+def _read_spans(data: memoryview, spans: list[tuple[int, int]], implicit: bool) -> Dataset:
+    """The elements at ``spans`` (encoded top-level elements, in order), decoded by
+    pydicom as part of a dataset."""
+    encoded = b"".join(data[start:stop] for start, stop in spans)
+    ds = read_dataset(BytesIO(encoded), is_implicit_VR=implicit, is_little_endian=True)
+    # every value is converted now: a malformed one fails here, as in parse_header
+    for element in ds:
+        _ = element.value
+    return ds
 
 
 def _is_int(text: str) -> bool:
@@ -431,21 +468,28 @@ def _is_int(text: str) -> bool:
     return digits.isascii() and digits.isdigit() and len(text) <= 12
 
 
-def _top_level_values(data: memoryview, end: int, implicit: bool) -> dict[str, bytes] | None:
-    """The raw values of the wanted top-level elements, or ``None`` when unusual."""
+def _top_level_values(
+    data: memoryview, end: int, implicit: bool, extra: frozenset[int]
+) -> tuple[dict[str, bytes], list[tuple[int, int]]] | None:
+    """The raw values of the index's top-level elements, and the (start, stop) offsets
+    of the encoded elements whose tag is in ``extra`` (the Specific Character Set too,
+    when there are any); ``None`` when the encoding is unusual."""
     found: dict[str, bytes] = {}
+    spans: list[tuple[int, int]] = []
+    last = max(_LAST_FIELD, max(extra, default=0))
     pos = 0
     previous = -1
     unpack = struct.unpack_from
     while pos < end:
         if end - pos < 8:
             return None
+        start = pos
         group, elem = unpack("<HH", data, pos)
         tag = group << 16 | elem
         if tag <= previous or group == 0xFFFE:
             return None
         previous = tag
-        if tag > _LAST_FIELD:
+        if tag > last:
             break
         if implicit:
             (length,) = unpack("<I", data, pos + 4)
@@ -468,15 +512,17 @@ def _top_level_values(data: memoryview, end: int, implicit: bool) -> dict[str, b
             pos = _walk_items(data, pos, end, little=True, implicit=implicit or vr == b"UN")
             if pos < 0:
                 return None
-            continue
-        if pos + length > end:
-            return None
-        if field is not None:
-            if vr and vr != field[1]:
-                return None  # an unexpected VR: pydicom's conversion rules
-            found[field[0]] = bytes(data[pos : pos + length])
-        pos += length
-    return found
+        else:
+            if pos + length > end:
+                return None
+            if field is not None:
+                if vr and vr != field[1]:
+                    return None  # an unexpected VR: pydicom's conversion rules
+                found[field[0]] = bytes(data[pos : pos + length])
+            pos += length
+        if extra and (tag in extra or tag == _CHARSET_TAG):
+            spans.append((start, pos))
+    return found, spans
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str:

@@ -30,6 +30,7 @@ from dicom_node.archive.files import InstanceFiles
 from dicom_node.archive.header import (
     InstanceHeader,
     check_complete,
+    extra_tags,
     fast_header,
     file_meta_bytes,
     parse_header,
@@ -145,6 +146,7 @@ class Archive:
         self.index = index
         self.hook = hook
         self._keywords = hook.keywords() if hook is not None else frozenset()
+        self._extra_tags = extra_tags(self._keywords)
         self._locks = _StripedLocks()
         self._journal: IngestJournal | None = None
         self._writer: FileWriter | None = None
@@ -176,13 +178,14 @@ class Archive:
             command_sop_class_uid, command_sop_instance_uid, transfer_syntax_uid, calling_ae
         )
         header_end = check_complete(dataset, transfer_syntax_uid)
-        # the index attributes straight from the bytes when routing needs nothing more;
-        # pydicom for the rest (and whenever the fast reader declines)
-        fast = None if self._keywords else fast_header(dataset, transfer_syntax_uid, header_end)
+        # the index attributes straight from the bytes, and pydicom only for the few
+        # elements routing reads; pydicom for the whole header when the fast reader
+        # declines (unusual encodings)
+        fast = fast_header(dataset, transfer_syntax_uid, header_end, self._extra_tags)
         if fast is None:
             header, parsed = parse_header(meta, memoryview(dataset)[:header_end], self._keywords)
         else:
-            header, parsed = fast, Dataset()
+            header, parsed = fast
         if header.sop_instance_uid != command_sop_instance_uid:
             raise InvalidInstance(
                 "dataset SOP Instance UID differs from the command's", status=0xC211

@@ -1,0 +1,213 @@
+"""The fast header reader gives exactly what pydicom reads.
+
+The archive reads the index attributes straight from the received bytes and hands
+pydicom only the few elements routing needs (:func:`dicom_node.archive.header.fast_header`);
+pydicom reads the whole header when the fast reader declines. Both must agree, on the
+index row and on everything routing decides with (route attribute values, patient
+identity), or a route would match differently depending on how a file was encoded.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from dicom_node.archive.header import (
+    check_complete,
+    extra_tags,
+    fast_header,
+    file_meta_bytes,
+    parse_header,
+)
+from router.facts import IDENTITY_KEYWORDS, patient_facts, route_attributes
+from tests.corpus import CorpusFile
+
+#: What routes in the tests and in hospital configurations match on, besides identity.
+ROUTE_KEYWORDS = frozenset(
+    {
+        "Modality",
+        "StationName",
+        "InstitutionName",
+        "ImageType",
+        "BodyPartExamined",
+        "Rows",
+        "PixelSpacing",
+        "SeriesNumber",
+        "ReferringPhysicianName",
+    }
+)
+KEYWORDS = ROUTE_KEYWORDS | frozenset(IDENTITY_KEYWORDS)
+INS_OID = "1.2.250.1.213.1.4.8"
+
+
+def _split(path: Path) -> tuple[str, bytes]:
+    """Transfer syntax and data set bytes of a Part 10 file."""
+    ds = dcmread(path, stop_before_pixels=False)
+    raw = path.read_bytes()
+    meta_length = int.from_bytes(raw[140:144], "little")
+    return str(ds.file_meta.TransferSyntaxUID), raw[144 + meta_length :]
+
+
+def _both(data: bytes, syntax: str, sop_class: str, sop_instance: str) -> tuple[object, object]:
+    """(fast, pydicom) readings: header, route attributes and patient facts."""
+    end = check_complete(data, syntax)
+    fast = fast_header(data, syntax, end, extra_tags(KEYWORDS))
+    meta = file_meta_bytes(sop_class, sop_instance, syntax, "MODALITY")
+    slow_header, slow_ds = parse_header(meta, memoryview(data)[:end], KEYWORDS)
+    slow = (
+        slow_header,
+        route_attributes(slow_ds, ROUTE_KEYWORDS),
+        patient_facts(slow_ds, "PEER-ISSUER"),
+    )
+    if fast is None:
+        return None, slow
+    header, ds = fast
+    return (header, route_attributes(ds, ROUTE_KEYWORDS), patient_facts(ds, "PEER-ISSUER")), slow
+
+
+def test_corpus_files_read_the_same_both_ways(corpus: list[CorpusFile]) -> None:
+    fast_reads = 0
+    for item in corpus:
+        syntax, data = _split(item.path)
+        fast, slow = _both(data, syntax, item.sop_class_uid, item.sop_instance_uid)
+        if fast is not None:
+            fast_reads += 1
+            assert fast == slow, item.path.name
+    # the corpus is mostly little endian: the fast reader must have taken most files
+    assert fast_reads >= len(corpus) * 2 // 3
+
+
+_NAME_CHARS = string.ascii_letters + "éèàçÉÖß -'"
+names = st.text(_NAME_CHARS, min_size=1, max_size=20).map(str.strip).filter(bool)
+plain = st.text(string.ascii_uppercase + string.digits + "_", min_size=1, max_size=16)
+
+
+@st.composite
+def datasets(draw: st.DrawFn) -> tuple[Dataset, bool]:
+    """A CT header with what routing reads drawn at random, and whether it is implicit."""
+    ds = Dataset()
+    charset = draw(st.sampled_from([None, "ISO_IR 100", "ISO_IR 192"]))
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = "1.2.3.4." + str(draw(st.integers(1, 10**9)))
+    ds.StudyInstanceUID = "1.2.3.5.1"
+    ds.SeriesInstanceUID = "1.2.3.6.1"
+    ds.Modality = draw(st.sampled_from(["CT", "MR", "US"]))
+    if draw(st.booleans()):
+        ds.ImageType = draw(st.lists(plain, min_size=1, max_size=4))
+    if draw(st.booleans()):
+        ds.StationName = draw(plain)
+    if draw(st.booleans()):
+        ds.InstitutionName = draw(names) if charset else draw(plain)
+    ds.PatientName = draw(names) if charset else draw(plain)
+    ds.PatientID = draw(plain)
+    if draw(st.booleans()):
+        ds.IssuerOfPatientID = draw(plain)
+    if draw(st.booleans()):
+        qualifier = Dataset()
+        qualifier.UniversalEntityID = "1.2.250.1.71.4.2.7"
+        qualifier.UniversalEntityIDType = "ISO"
+        ds.IssuerOfPatientIDQualifiersSequence = Sequence([qualifier])
+    ds.PatientBirthDate = draw(st.sampled_from(["", "19700101", "20011231"]))
+    ds.PatientSex = draw(st.sampled_from(["", "F", "M", "O"]))
+    items = []
+    for _ in range(draw(st.integers(0, 2))):
+        item = Dataset()
+        item.PatientID = draw(st.text(string.digits, min_size=13, max_size=15))
+        item.IssuerOfPatientID = "ASIP-SANTE-INS-NIR"
+        qualifiers = Dataset()
+        qualifiers.UniversalEntityID = draw(st.sampled_from([INS_OID, "1.2.3"]))
+        qualifiers.UniversalEntityIDType = "ISO"
+        item.IssuerOfPatientIDQualifiersSequence = Sequence([qualifiers])
+        items.append(item)
+    if items:
+        ds.OtherPatientIDsSequence = Sequence(items)
+    ds.SeriesNumber = draw(st.integers(0, 999))
+    ds.BodyPartExamined = draw(st.sampled_from(["HEAD", "CHEST", "ABDOMEN"]))
+    ds.Rows = draw(st.integers(1, 4096))
+    if draw(st.booleans()):
+        ds.PixelSpacing = [draw(st.sampled_from(["0.5", "0.703125", "1"])), "0.5"]
+    undefined = draw(st.booleans())
+    for element in ds.iterall():
+        if element.VR == "SQ":
+            element.is_undefined_length = undefined
+    return ds, draw(st.booleans())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(datasets())
+def test_random_headers_read_the_same_both_ways(drawn: tuple[Dataset, bool]) -> None:
+    ds, implicit = drawn
+    syntax = str(ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian)
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = True
+    buffer.is_implicit_VR = implicit
+    write_dataset(buffer, ds)
+    data = buffer.getvalue()
+    fast, slow = _both(data, syntax, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+    assert fast is not None, "the fast reader declined a plain little endian header"
+    assert fast == slow
+    # and what routing reads is what was written
+    _header, attributes, facts = fast  # type: ignore[misc]
+    assert attributes["Modality"] == (ds.Modality,)
+    expected_ins = tuple(
+        (INS_OID, str(item.PatientID))
+        for item in ds.get("OtherPatientIDsSequence", [])
+        if item.IssuerOfPatientIDQualifiersSequence[0].UniversalEntityID == INS_OID
+    )
+    assert facts.ins_values == expected_ins
+
+
+def test_without_routing_keywords_no_dataset_is_decoded() -> None:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = "1.2.3.4.5"
+    ds.StudyInstanceUID = "1.2.3.5.1"
+    ds.SeriesInstanceUID = "1.2.3.6.1"
+    ds.PatientID = "P1"
+    raw = DicomBytesIO()
+    raw.is_little_endian, raw.is_implicit_VR = True, False
+    write_dataset(raw, ds)
+    data = raw.getvalue()
+    syntax = str(ExplicitVRLittleEndian)
+    result = fast_header(data, syntax, check_complete(data, syntax))
+    assert result is not None
+    header, extra = result
+    assert header.patient_id == "P1"
+    assert len(extra) == 0
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_unusual_routing_element_falls_back_to_pydicom(implicit: bool) -> None:
+    """A routing element whose value pydicom cannot convert: the fast reader declines,
+    and pydicom's reading is used (it decides what is wrong)."""
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = "1.2.3.4.5"
+    ds.StudyInstanceUID = "1.2.3.5.1"
+    ds.SeriesInstanceUID = "1.2.3.6.1"
+    ds.Modality = "CT"
+    raw = DicomBytesIO()
+    raw.is_little_endian, raw.is_implicit_VR = True, implicit
+    write_dataset(raw, ds)
+    # Rows (0028,0010) is US: 2 bytes; give it 3 (pydicom cannot unpack it)
+    rows = b"\x28\x00\x10\x00" + (b"\x03\x00\x00\x00" if implicit else b"US\x03\x00")
+    data = raw.getvalue() + rows + b"\x01\x02\x03\x00"
+    syntax = str(ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian)
+    end = check_complete(data, syntax)
+    assert fast_header(data, syntax, end, extra_tags({"Rows"})) is None
