@@ -39,7 +39,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +50,7 @@ from bench.common import (
     BenchError,
     add_csv_option,
     add_output_options,
+    file_creation_probe,
     find_dcmtk_tool,
     fmt_cell,
     http_get_json,
@@ -77,7 +78,10 @@ from bench.receivers import (
 )
 from bench.run_store import Corpus, build_corpora, storescu_command
 
-SYSTEMS = ("consentgate", "consentgate-consent", "orthanc")
+SYSTEMS = ("direct", "consentgate", "consentgate-consent", "orthanc")
+#: storescu straight into storescp, no router: how fast the same transfer goes without
+#: a hop; a router's end-to-end time cannot be shorter (it is received and sent again)
+DIRECT = "direct"
 CORPORA = ("ct", "small")
 PURPOSE = "FWD"
 DEST_PEER = "dest"
@@ -568,53 +572,67 @@ def run_one(
     idle_timeout: float,
     quiet: float,
 ) -> RunResult:
-    """Fresh storescp + fresh router; time one forward; check storescp's content."""
+    """Fresh storescp + fresh router; time one forward; check storescp's content.
+
+    System ``direct``: storescu sends to the fresh storescp itself (no router).
+    """
     result = RunResult(system, corpus.name, corpus.label, repeat, corpus.count, corpus.total_bytes)
     workdir.mkdir(parents=True)
     dest_dir = workdir / "dest"
     router_dir = workdir / "router"
     with StoreScp().launch(dest_dir) as dest:
         out_dir: Path = dest.out_dir  # type: ignore[attr-defined]
-        router = make_router(system, dest.port, patients, router_dir, lua_path)
-        router_dir.mkdir(parents=True)
-        with router.launch(router_dir) as rx:
-            try:
-                cpu_before = process_cpu_seconds(rx.proc.pid)
-                time_forward(storescu, rx, corpus, out_dir, workdir, timeout=timeout, result=result)
-                problem = wait_router_idle(system, rx, idle_timeout)
-                cpu_after = process_cpu_seconds(rx.proc.pid)
-                if cpu_before is not None and cpu_after is not None:
-                    result.router_cpu_seconds = cpu_after - cpu_before
-                if problem and not result.error:
-                    result.error = problem
-                time.sleep(quiet)  # a late duplicate would show up now
-                with contextlib.suppress(BenchError):
-                    result.router_stored = rx.count_instances()
-                if system.startswith("consentgate"):
-                    cg: Any = rx
-                    try:
-                        result.queue_stats = _cli_retry(cg.consentgate, cg.config, "queue", "stats")
-                        stats = parse_queue_stats(result.queue_stats)
-                    except BenchError as exc:
-                        result.queue_stats = f"(queue stats unavailable: {exc})"
-                    else:
-                        done = sum(c.get("done", 0) for c in stats.values())
-                        if done != corpus.count and not result.error:
-                            result.error = f"queue stats: {done} jobs done, expected {corpus.count}"
-                    if result.error:
-                        with contextlib.suppress(BenchError):
-                            result.queue_list = _cli_retry(
-                                cg.consentgate, cg.config, "queue", "list", "--limit", "30"
+        if system == DIRECT:
+            time_forward(storescu, dest, corpus, out_dir, workdir, timeout=timeout, result=result)
+            time.sleep(quiet)
+            router_log = dest.proc.log_path
+        else:
+            router = make_router(system, dest.port, patients, router_dir, lua_path)
+            router_dir.mkdir(parents=True)
+            with router.launch(router_dir) as rx:
+                try:
+                    cpu_before = process_cpu_seconds(rx.proc.pid)
+                    time_forward(
+                        storescu, rx, corpus, out_dir, workdir, timeout=timeout, result=result
+                    )
+                    problem = wait_router_idle(system, rx, idle_timeout)
+                    cpu_after = process_cpu_seconds(rx.proc.pid)
+                    if cpu_before is not None and cpu_after is not None:
+                        result.router_cpu_seconds = cpu_after - cpu_before
+                    if problem and not result.error:
+                        result.error = problem
+                    time.sleep(quiet)  # a late duplicate would show up now
+                    with contextlib.suppress(BenchError):
+                        result.router_stored = rx.count_instances()
+                    if system.startswith("consentgate"):
+                        cg: Any = rx
+                        try:
+                            result.queue_stats = _cli_retry(
+                                cg.consentgate, cg.config, "queue", "stats"
                             )
-                else:
-                    with contextlib.suppress(BenchError, KeyError, ValueError):
-                        result.orthanc_failed_jobs = orthanc_failed_jobs(rx.http_port)  # type: ignore[attr-defined]
-            finally:
-                router_log = rx.proc.log_path
-        # The router has been stopped (SIGTERM) here: record how it exited.
-        if rx.proc.proc is not None:
-            result.router_exit_status = rx.proc.proc.returncode
-        result.router_shutdown_problem = _shutdown_traceback(rx.proc.log_path)
+                            stats = parse_queue_stats(result.queue_stats)
+                        except BenchError as exc:
+                            result.queue_stats = f"(queue stats unavailable: {exc})"
+                        else:
+                            done = sum(c.get("done", 0) for c in stats.values())
+                            if done != corpus.count and not result.error:
+                                result.error = (
+                                    f"queue stats: {done} jobs done, expected {corpus.count}"
+                                )
+                        if result.error:
+                            with contextlib.suppress(BenchError):
+                                result.queue_list = _cli_retry(
+                                    cg.consentgate, cg.config, "queue", "list", "--limit", "30"
+                                )
+                    else:
+                        with contextlib.suppress(BenchError, KeyError, ValueError):
+                            result.orthanc_failed_jobs = orthanc_failed_jobs(rx.http_port)  # type: ignore[attr-defined]
+                finally:
+                    router_log = rx.proc.log_path
+            # The router has been stopped (SIGTERM) here: record how it exited.
+            if rx.proc.proc is not None:
+                result.router_exit_status = rx.proc.proc.returncode
+            result.router_shutdown_problem = _shutdown_traceback(rx.proc.log_path)
         check_destination(out_dir, dest.proc.log_path, sent_uids, result)
         if result.error or not result.seconds:
             result.log_excerpt = _log_excerpt(router_log)
@@ -708,6 +726,12 @@ def target_checks(rows: Sequence[Row]) -> list[str]:
     lines = []
     for corpus in CORPORA:
         need = TARGET_VS_ORTHANC[corpus]
+        direct = by_key.get((DIRECT, corpus))
+        if direct is not None and direct.ratio_to_orthanc is not None:
+            lines.append(
+                f"{corpus}: no router at all (storescu -> storescp) is "
+                f"{direct.ratio_to_orthanc:.2f}x Orthanc: no router can reach more"
+            )
         for system in ("consentgate", "consentgate-consent"):
             row = by_key.get((system, corpus))
             if row is not None and row.ratio_to_orthanc is not None:
@@ -805,6 +829,7 @@ def _main(args: argparse.Namespace) -> int:
     out_path = results_path(args.out, "forward")
     results: list[RunResult] = []
     with work_tmpdir(args.tmpdir, "consentgate-fwd-bench-", keep=args.keep_tmp) as tmp:
+        file_system = file_creation_probe(tmp)
         corpora = build_corpora(tmp, args.ct, args.small, args.corpora)
         if not corpora:
             raise BenchError("nothing to send (all corpus counts are 0)")
@@ -898,7 +923,7 @@ def _main(args: argparse.Namespace) -> int:
     )
     checks = target_checks(rows)
     print_block(checks)
-    write_json(out_path, args, storescu, results, rows, checks)
+    write_json(out_path, args, storescu, results, rows, checks, file_system)
     print(f"\nresults written to {out_path}")
     return 0 if results and all(r.ok for r in results) else 1
 
@@ -910,10 +935,11 @@ def write_json(
     results: Sequence[RunResult],
     rows: Sequence[Row],
     checks: Sequence[str],
+    file_system: Mapping[str, Any],
 ) -> None:
     """Write the machine-readable results."""
     doc: dict[str, Any] = {
-        **results_header("forward", args, cpus=True),
+        **results_header("forward", args, cpus=True, file_system=file_system),
         "tools": {
             "storescu": {"path": storescu, "version": tool_version(storescu)},
             "storescp": StoreScp().version(),

@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from bench.common import (
     BenchError,
     add_csv_option,
     add_output_options,
+    file_creation_probe,
     find_dcmtk_tool,
     fmt_cell,
     median,
@@ -435,6 +436,7 @@ def _main(args: argparse.Namespace) -> int:
     results: list[RunResult] = []
     broken: dict[str, str] = {}
     with work_tmpdir(args.tmpdir, "consentgate-bench-", keep=args.keep_tmp) as tmp:
+        file_system = file_creation_probe(tmp)
         corpora = build_corpora(tmp, args.ct, args.small, args.corpora)
         if not corpora:
             raise BenchError("nothing to send (all corpus counts are 0)")
@@ -498,7 +500,7 @@ def _main(args: argparse.Namespace) -> int:
         )
     checks = target_checks(rows)
     print_block(checks)
-    write_json(out_path, args, receivers, storescu, results, rows, checks)
+    write_json(out_path, args, receivers, storescu, results, rows, checks, file_system)
     print(f"\nresults written to {out_path}")
     return 0 if all(r.ok for r in results) else 1
 
@@ -511,10 +513,11 @@ def write_json(
     results: Sequence[RunResult],
     rows: Sequence[Row],
     checks: Sequence[str],
+    file_system: Mapping[str, Any],
 ) -> None:
     """Write the machine-readable results."""
     doc: dict[str, Any] = {
-        **results_header("store", args),
+        **results_header("store", args, file_system=file_system),
         "sender": {"tool": storescu, "version": tool_version(storescu)},
         "receivers": {rx.name: rx.version() for rx in receivers},
         "notes": [

@@ -63,14 +63,15 @@ class _RequestorSocket(AssociationSocket):
         with self._send_lock:
             super().send(bytestream)
 
-    def send_raw(self, data: bytes | bytearray | memoryview) -> None:
-        """Write bytes from another thread than the DUL's (the C-STORE fast path);
-        raises :class:`OSError` if the connection is gone."""
+    def send_raw(self, *buffers: bytes | bytearray | memoryview) -> None:
+        """Write ``buffers`` in order from another thread than the DUL's (the C-STORE
+        fast path), gathered into as few system calls as possible; raises
+        :class:`OSError` if the connection is gone."""
         with self._send_lock:
             sock = self.socket
             if sock is None:
                 raise OSError("association socket closed")
-            sock.sendall(data)
+            send_all(sock, buffers)
 
     def recv(self, nr_bytes: int) -> bytearray:
         data = super().recv(nr_bytes)
@@ -79,6 +80,23 @@ class _RequestorSocket(AssociationSocket):
             with contextlib.suppress(OSError):  # closed meanwhile
                 sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         return data
+
+
+_IOV_MAX = 1024
+
+
+def send_all(sock: socket.socket, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
+    """Write every buffer, in order, with ``sendmsg`` (partial writes resumed)."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while views:
+        sent = sock.sendmsg(views[:_IOV_MAX])
+        if sent <= 0:
+            raise OSError("connection made no progress")
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]
 
 
 def _nodelay(event: Event) -> None:

@@ -28,10 +28,12 @@ from dicom_node.reactor import GatewayDUL, ui_element
 #: data set bytes per PDU when the peer sets no maximum (0 = unlimited)
 _UNLIMITED_CHUNK = 1024 * 1024
 _PREAMBLE_AND_MAGIC = 132
+#: bytes of the file read and sent at a time
+_BLOCK_BYTES = 4 * 1024 * 1024
 
 
 class _LockedSender(Protocol):
-    def send_raw(self, data: bytes | bytearray | memoryview) -> None: ...
+    def send_raw(self, *buffers: bytes | bytearray | memoryview) -> None: ...
 
 
 def store_request_command(sop_class_uid: str, message_id: int, sop_instance_uid: str) -> bytes:
@@ -67,6 +69,8 @@ class StoreSender:
         }
         peer_max = int(assoc.acceptor.maximum_length or 0)
         self._chunk = (peer_max - 6) if peer_max > 16 else _UNLIMITED_CHUNK
+        # the file is read a block (whole PDUs) at a time, each block sent in one call
+        self._block = bytearray(max(1, _BLOCK_BYTES // self._chunk) * self._chunk)
         self._message_id = 0
 
     def accepts(self, sop_class_uid: str, transfer_syntax_uid: str) -> bool:
@@ -101,14 +105,22 @@ class StoreSender:
                 if remaining <= 0:
                     raise OSError(f"{path.name}: no data set")
                 fh.seek(start)
-                sender.send_raw(_pdu_header(context_id, 0x03, len(command)) + command)
+                block = memoryview(self._block)
+                buffers: list[bytes | memoryview] = [
+                    _pdu_header(context_id, 0x03, len(command)) + command
+                ]
                 while remaining > 0:
-                    chunk = fh.read(min(self._chunk, remaining))
-                    if not chunk:
+                    got = fh.readinto(block[: min(len(block), remaining)])
+                    if not got:
                         raise OSError(f"{path.name}: file shrank while being sent")
-                    remaining -= len(chunk)
-                    control = 0x02 if remaining <= 0 else 0x00
-                    sender.send_raw(_pdu_header(context_id, control, len(chunk)) + chunk)
+                    remaining -= got
+                    for offset in range(0, got, self._chunk):
+                        piece = block[offset : min(got, offset + self._chunk)]
+                        last = remaining <= 0 and offset + len(piece) >= got
+                        buffers.append(_pdu_header(context_id, 0x02 if last else 0x00, len(piece)))
+                        buffers.append(piece)
+                    sender.send_raw(*buffers)
+                    buffers = []
             return waiter.wait(self._timeout)
         finally:
             dul.forget_store_response(waiter)
