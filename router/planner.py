@@ -9,6 +9,10 @@ For every matching route and destination:
 
 When several matching routes name the same destination, one job is made: a route that
 requires a purpose wins over one that does not (fail closed).
+
+The instances of a series carry the same patient: a matched resolution and a PERMIT are
+reused for two seconds. A reused permit only makes a job ready; the forwarder decides
+again from the database immediately before sending it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from consent.decision import Resolution
-from router.decisions import Decide, Outcome, failed
+from router.decisions import Decide, Decision, Outcome, failed
 from router.models import HoldReason, JobState
 from router.queue import JobSpec
 from router.routes import RouteTable
@@ -40,6 +44,14 @@ Resolve = Callable[[PatientFacts], Resolution]
 
 #: seconds a successful patient resolution is reused
 _RESOLUTION_TTL = 2.0
+#: seconds a PERMIT decided while planning is reused for the next instances of the same
+#: patient and purpose. Only a permit: it makes a job ready, and the forwarder decides
+#: again, from the database, immediately before sending it; a refusal or an undecided
+#: state is always read fresh (it would drop or hold the job on a stale answer).
+_PERMIT_TTL = 2.0
+
+
+_STILL_PERMITTED = Decision(Outcome.PERMIT, "permitted (decided again before sending)")
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,8 @@ class Planner:
         # identity; only matches are remembered, briefly (an unknown patient added a
         # moment later must not stay held for reconciliation)
         self._resolved: dict[PatientFacts, tuple[float, Resolution]] = {}
+        # (patient, purpose) -> time of a PERMIT (see _PERMIT_TTL)
+        self._permitted: dict[tuple[int, str], float] = {}
 
     def keywords(self) -> frozenset[str]:
         """Attribute keywords the routes need read from each dataset."""
@@ -104,7 +118,7 @@ class Planner:
                 note = f"patient {status}: {reason}"
             else:
                 if purpose not in decisions:
-                    decision = self._decide(patient_pk, purpose)
+                    decision = self._decision(patient_pk, purpose)
                     if decision.outcome is Outcome.PERMIT:
                         decisions[purpose] = (JobState.READY, "", "")
                     elif decision.outcome is Outcome.DENY and not failed(decision):
@@ -118,6 +132,22 @@ class Planner:
                 state, hold, note = decisions[purpose]
             jobs.append(JobSpec(dest, route_name, purpose, patient_pk, state, hold, note))
         return Plan(tuple(jobs), resolution)
+
+    def _decision(self, patient_pk: int | None, purpose: str) -> Decision:
+        if patient_pk is None:
+            return self._decide(patient_pk, purpose)
+        now = self._clock()
+        since = self._permitted.get((patient_pk, purpose))
+        if since is not None and now - since < _PERMIT_TTL:
+            return _STILL_PERMITTED
+        decision = self._decide(patient_pk, purpose)
+        if decision.outcome is Outcome.PERMIT:
+            if len(self._permitted) >= 1024:
+                self._permitted.clear()
+            self._permitted[(patient_pk, purpose)] = now
+        else:
+            self._permitted.pop((patient_pk, purpose), None)
+        return decision
 
     def _resolution(self, patient: PatientFacts) -> Resolution:
         now = self._clock()

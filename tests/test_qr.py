@@ -851,3 +851,63 @@ def test_get_mixed_syntax_study_with_pynetdicom(loaded_node: RunningNode, truth:
         ds = received[f.sop_instance_uid]
         assert ds.file_meta.TransferSyntaxUID == f.transfer_syntax_uid
         assert bytes(ds.PixelData) == _pixel_data(f.path), f.path.name
+
+
+def test_get_cancelled_by_the_requestor_stops_with_fe00(
+    loaded_node: RunningNode, truth: Truth
+) -> None:
+    """C-CANCEL during a C-GET: the node stops sending and answers Cancel (0xFE00).
+
+    The requestor sends C-CANCEL while it handles the first sub-operation, before its
+    C-STORE response: the node reads the cancel before it goes on to the next instance.
+    """
+    files = {f.sop_instance_uid: f for f in truth.files}
+    study = max(truth.studies.values(), key=lambda s: len(s.instances))
+    assert len(study.instances) >= 3
+    in_study = [files[i] for i in study.instances]
+    message_id = 7
+    received: list[str] = []
+    ae = AE(ae_title=PACS_AE)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    pairs = sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in in_study})
+    for sop_class, syntax in pairs:
+        ae.add_requested_context(sop_class, [syntax])
+    roles = [build_role(c, scp_role=True) for c in {c for c, _ in pairs}]
+    holder: dict[str, Association] = {}
+
+    def on_store(event: evt.Event) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        if len(received) == 1:
+            assoc = holder["assoc"]
+            get_context = next(
+                cx
+                for cx in assoc.accepted_contexts
+                if cx.abstract_syntax == StudyRootQueryRetrieveInformationModelGet
+            )
+            assoc.send_c_cancel(message_id, get_context.context_id)
+        return 0x0000
+
+    assoc = ae.associate(
+        loaded_node.host,
+        loaded_node.port,
+        ae_title=loaded_node.ae_title,
+        ext_neg=roles,
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    assert assoc.is_established
+    holder["assoc"] = assoc
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study.uid
+    try:
+        responses = list(
+            assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet, msg_id=message_id)
+        )
+    finally:
+        assoc.release()
+    final = responses[-1][0]
+    assert final.Status == 0xFE00
+    assert received == received[:1], "nothing is sent after the cancel"
+    assert final.NumberOfCompletedSuboperations == 1
+    assert final.NumberOfRemainingSuboperations == len(in_study) - 1
