@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from consent.decision import Outcome
+from dicom_node.archive.attributes import attributes_of
 from dicom_node.archive.models import Instance, Patient, Series, Study
 from router.facts import IDENTITY_KEYWORDS, patient_facts, route_attributes
 from router.models import ForwardJob, HoldReason, JobState
@@ -82,8 +83,9 @@ def route_test(
                 ds = dcmread(path, stop_before_pixels=True, specific_tags=keywords)
             except (InvalidDicomError, OSError, ValueError) as exc:
                 raise _error(f"{path}: not a readable DICOM file ({type(exc).__name__})") from None
-            attributes = route_attributes(ds, runtime.routes.keywords())
-            facts = patient_facts(ds, issuer)
+            read = attributes_of(ds, keywords)
+            attributes = route_attributes(read, runtime.routes.keywords())
+            facts = patient_facts(read, issuer)
             plan = runtime.planner.plan(attributes, calling_ae, facts)
             click.echo(f"{path}:")
             if not plan.jobs:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from pydicom.dataset import Dataset
 
+from dicom_node.archive.attributes import ReceivedAttributes, text_of
 from router.planner import PatientFacts
 
 #: Patient identity attributes read from every dataset when routes are configured.
@@ -30,54 +30,48 @@ INS_OIDS = frozenset(
 )
 
 
-def _text(value: Any) -> str:
-    return "" if value is None else str(value).strip().replace("\x00", "")
-
-
-def _values(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        text = _text(value)
-        return (text,) if text else ()
-    return tuple(_text(v) for v in value)
-
-
-def route_attributes(ds: Dataset, keywords: Iterable[str]) -> dict[str, tuple[str, ...]]:
-    """The values of ``keywords`` in ``ds`` as strings (multi-valued → several)."""
-    attributes: dict[str, tuple[str, ...]] = {}
+def route_attributes(
+    attributes: ReceivedAttributes, keywords: Iterable[str]
+) -> dict[str, tuple[str, ...]]:
+    """The values of ``keywords`` as strings (multi-valued → several; sequences and
+    absent attributes left out)."""
+    found: dict[str, tuple[str, ...]] = {}
     for keyword in keywords:
-        element = ds.get(keyword)
-        if element is None or getattr(ds[keyword], "VR", "") == "SQ":
-            continue
-        attributes[keyword] = _values(element)
-    return attributes
+        values = attributes.values(keyword)
+        if values is not None:
+            found[keyword] = values
+    return found
 
 
 def _qualifier_uid(item: Dataset) -> str:
     seq = item.get("IssuerOfPatientIDQualifiersSequence")
     if seq:
-        return _text(seq[0].get("UniversalEntityID"))
+        return text_of(seq[0].get("UniversalEntityID"))
     return ""
 
 
-def patient_facts(ds: Dataset, default_issuer: str) -> PatientFacts:
+def patient_facts(attributes: ReceivedAttributes, default_issuer: str) -> PatientFacts:
     """The identity a dataset carries: issuer from the dataset (Issuer of Patient ID,
     else its qualifiers' Universal Entity ID), else the sending peer's issuer; INS values
     from Other Patient IDs Sequence items whose universal entity ID is an INS OID."""
-    issuer = _text(ds.get("IssuerOfPatientID")) or _qualifier_uid(ds) or default_issuer
+    qualifiers = attributes.items("IssuerOfPatientIDQualifiersSequence")
+    issuer = (
+        attributes.text("IssuerOfPatientID")
+        or (text_of(qualifiers[0].get("UniversalEntityID")) if qualifiers else "")
+        or default_issuer
+    )
     ins: list[tuple[str, str]] = []
-    for item in ds.get("OtherPatientIDsSequence") or []:
+    for item in attributes.items("OtherPatientIDsSequence"):
         oid = _qualifier_uid(item)
-        value = _text(item.get("PatientID"))
+        value = text_of(item.get("PatientID"))
         if oid in INS_OIDS and value:
             ins.append((oid, value))
     return PatientFacts(
         issuer=issuer,
-        patient_id=_text(ds.get("PatientID")),
+        patient_id=attributes.text("PatientID"),
         ins_values=tuple(ins),
-        birth_date=_text(ds.get("PatientBirthDate")),
-        sex=_text(ds.get("PatientSex")),
+        birth_date=attributes.text("PatientBirthDate"),
+        sex=attributes.text("PatientSex"),
     )
 
 

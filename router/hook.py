@@ -6,9 +6,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 
-from pydicom.dataset import Dataset
 from sqlalchemy import Connection
 
+from dicom_node.archive.attributes import ReceivedAttributes
 from dicom_node.archive.header import InstanceHeader
 from router.facts import IDENTITY_KEYWORDS, patient_facts, route_attributes
 from router.models import JobState
@@ -51,14 +51,18 @@ class RoutingHook:
         return self._route_keywords | frozenset(IDENTITY_KEYWORDS)
 
     def prepare(
-        self, dataset: Dataset, header: InstanceHeader, calling_ae: str, default_issuer: str
+        self,
+        attributes: ReceivedAttributes,
+        header: InstanceHeader,
+        calling_ae: str,
+        default_issuer: str,
     ) -> object | None:
         if not self._enabled:
             return None
         plan = self._planner.plan(
-            route_attributes(dataset, self._route_keywords),
+            route_attributes(attributes, self._route_keywords),
             calling_ae,
-            patient_facts(dataset, default_issuer),
+            patient_facts(attributes, default_issuer),
         )
         return plan if plan.jobs else None
 

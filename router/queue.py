@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.db import CompiledStatement
 from dicom_node.archive.models import Instance
 from router.models import ForwardJob, HoldReason, JobState
 
@@ -73,6 +74,22 @@ class RetryPolicy:
 
 
 _OPEN_STATES = (JobState.READY.value, JobState.HELD.value)
+_JOB_COLUMNS = (
+    "instance_pk",
+    "destination",
+    "route",
+    "purpose",
+    "patient_pk",
+    "state",
+    "hold_reason",
+    "attempts",
+    "next_attempt_at",
+    "lease_owner",
+    "lease_until",
+    "last_error",
+    "created_at",
+    "updated_at",
+)
 
 
 def _claimable(now: datetime) -> Any:
@@ -97,6 +114,7 @@ class JobQueue:
         self._bookkeeping = sessions
         self.policy = policy or RetryPolicy()
         self._clock = clock
+        self._inserts: dict[str, CompiledStatement] = {}
 
     def defer_bookkeeping(self, sessions: sessionmaker[Session]) -> None:
         """Commit claims and acknowledgements through ``sessions`` (a serving node's
@@ -138,8 +156,20 @@ class JobQueue:
             for spec in specs
         ]
         if rows:
-            connection.execute(insert(ForwardJob), rows)
+            self._insert_statement(connection).execute_many(connection, rows)
         return len(rows)
+
+    def _insert_statement(self, connection: Connection) -> CompiledStatement:
+        """The job insert, compiled once per dialect (it runs for every stored instance)."""
+        name = connection.dialect.name
+        statement = self._inserts.get(name)
+        if statement is None:
+            statement = CompiledStatement(
+                insert(ForwardJob).values({c: bindparam(c) for c in _JOB_COLUMNS}),
+                connection.dialect,
+            )
+            self._inserts[name] = statement
+        return statement
 
     # -- forwarders ----------------------------------------------------------------
 

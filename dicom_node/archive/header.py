@@ -12,13 +12,19 @@ from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import dcmread
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 
+from dicom_node.archive.attributes import (
+    ReceivedAttributes,
+    attributes_of,
+    split_values,
+    text_of,
+)
 from dicom_node.errors import InvalidInstance
 from dicom_node.uids import is_valid_uid
 
@@ -29,6 +35,7 @@ _PREAMBLE = b"\x00" * 128 + b"DICM"
 #: What pydicom raises on bytes it cannot read.
 _PYDICOM_ERRORS = (
     InvalidDicomError,
+    BytesLengthException,
     EOFError,
     ValueError,
     TypeError,
@@ -172,6 +179,8 @@ def parse_header(
     try:
         ds = dcmread(BytesIO(meta + bytes(dataset)), stop_before_pixels=True, specific_tags=tags)
         header = _to_header(ds)
+        for element in ds:  # every value converted now: a malformed one is refused here
+            _ = element.value
     except InvalidInstance:
         raise
     except _PYDICOM_ERRORS as exc:
@@ -206,8 +215,38 @@ def check_complete(dataset: bytes | bytearray | memoryview, transfer_syntax_uid:
     InvalidInstance
         The encoding ends inside an element, or an undefined length is never closed.
     """
+    return scan_dataset(dataset, transfer_syntax_uid).header_end
+
+
+@dataclass(frozen=True)
+class ScannedDataset:
+    """What one walk over a received data set found (see :func:`scan_dataset`)."""
+
+    header_end: int
+    #: the index header and the routing elements, or ``None``: read with pydicom
+    fast: tuple[InstanceHeader, ReceivedAttributes] | None
+
+
+def scan_dataset(
+    dataset: bytes | bytearray | memoryview,
+    transfer_syntax_uid: str,
+    extra: frozenset[int] | None = None,
+) -> ScannedDataset:
+    """Check that the data set is complete and, in the same walk over its top-level
+    elements, read the index attributes and cut out the ``extra`` elements.
+
+    The completeness check is :func:`check_complete`'s. With ``extra`` given (even
+    empty), the header is read as :func:`fast_header` describes, or ``fast`` is ``None``
+    when the encoding is one the fast reader leaves to pydicom.
+
+    Raises
+    ------
+    InvalidInstance
+        The data set is truncated or malformed, or a required UID is missing or invalid.
+    """
     data = memoryview(dataset).cast("B")
-    if transfer_syntax_uid == _DEFLATED:
+    deflated = transfer_syntax_uid == _DEFLATED
+    if deflated:
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         try:
             data = memoryview(inflater.decompress(data) + inflater.flush())
@@ -217,46 +256,127 @@ def check_complete(dataset: bytes | bytearray | memoryview, transfer_syntax_uid:
             raise InvalidInstance("deflated dataset is truncated")
     little = transfer_syntax_uid != _BIG_ENDIAN
     implicit = transfer_syntax_uid == _IMPLICIT
+    guessed = False
     if not implicit and len(data) >= 6 and not bytes(data[4:6]).isalpha():
-        implicit = True  # pydicom reads such datasets as implicit VR too
+        implicit = guessed = True  # pydicom reads such datasets as implicit VR too
+    collect = None
+    if (
+        extra is not None
+        and not guessed
+        and (transfer_syntax_uid == _IMPLICIT or transfer_syntax_uid in _EXPLICIT_LE)
+    ):
+        collect = _Collected(extra)
     end = len(data)
-    pixel_at = [end]
     try:
-        pos = _walk(
-            data, 0, end, little=little, implicit=implicit, in_item=False, pixel_at=pixel_at
-        )
+        pos, pixel_at = _scan(data, end, little=little, implicit=implicit, collect=collect)
     except struct.error:
-        pos = -1
+        pos, pixel_at = -1, end
     if pos != end:
         raise InvalidInstance("dataset is truncated or malformed")
     # the header ends where Pixel Data starts (deflated: the offset is in the inflated
     # stream, so the whole dataset is the header)
-    return len(dataset) if transfer_syntax_uid == _DEFLATED else pixel_at[0]
+    header_end = len(dataset) if deflated else pixel_at
+    fast = None
+    if collect is not None and collect.usable:
+        fast = _fast_result(data, collect, implicit)
+    return ScannedDataset(header_end, fast)
 
 
-def _walk(
-    data: memoryview,
-    pos: int,
-    end: int,
-    *,
-    little: bool,
-    implicit: bool,
-    in_item: bool,
-    pixel_at: list[int] | None = None,
-) -> int:
-    """Skip elements from ``pos``; returns the offset after the last one (or the item
-    delimiter when ``in_item``), or -1 when the encoding is cut short."""
+class _Collected:
+    """The index values and routing spans gathered while walking the top level."""
+
+    __slots__ = ("extra", "found", "last", "previous", "spans", "usable")
+
+    def __init__(self, extra: frozenset[int]) -> None:
+        self.extra = extra
+        self.found: dict[str, bytes] = {}
+        # (tag, VR as encoded or b"", element start, value start, element end)
+        self.spans: list[tuple[int, bytes, int, int, int]] = []
+        # nothing past Pixel Data is read (pydicom reads the header with
+        # stop_before_pixels)
+        self.last = min(max(_LAST_FIELD, max(extra, default=0)), _PIXEL_DATA - 1)
+        self.previous = -1
+        self.usable = True
+
+
+def _scan(
+    data: memoryview, end: int, *, little: bool, implicit: bool, collect: _Collected | None
+) -> tuple[int, int]:
+    """Walk the top-level elements; returns (the offset after the last one, or -1 when
+    the encoding is cut short; the offset of Pixel Data, or ``end``)."""
+    order = "<" if little else ">"
+    tag_format, long_format, short_format = order + "HH", order + "I", order + "H"
+    unpack = struct.unpack_from
+    pixel_at = end
+    pos = 0
+    while pos < end:
+        if end - pos < 8 and not any(data[pos:end]):
+            return end, pixel_at  # a few bytes of trailing NUL padding: pydicom ignores them
+        start = pos
+        group, elem = unpack(tag_format, data, pos)
+        tag = group << 16 | elem
+        if tag == _PIXEL_DATA and pixel_at == end:
+            pixel_at = pos
+        if group == 0xFFFE:  # item / delimitation items carry no VR
+            (length,) = unpack(long_format, data, pos + 4)
+            pos += 8
+            if length != _UNDEFINED:
+                pos += length
+            if collect is not None:
+                collect.usable = False
+            continue
+        vr = b""
+        if implicit:
+            (length,) = unpack(long_format, data, pos + 4)
+            pos += 8
+        else:
+            vr = bytes(data[pos + 4 : pos + 6])
+            if vr in _LONG_VRS:
+                (length,) = unpack(long_format, data, pos + 8)
+                pos += 12
+            else:
+                (length,) = unpack(short_format, data, pos + 6)
+                pos += 8
+        value_at = pos
+        if length == _UNDEFINED:
+            # a sequence, encapsulated pixel data, or UN holding implicit VR LE content
+            pos = _walk_items(
+                data,
+                pos,
+                end,
+                little=little if vr != b"UN" else True,
+                implicit=implicit or vr == b"UN",
+            )
+            if pos < 0:
+                return -1, pixel_at
+        else:
+            pos += length
+        if collect is not None and collect.usable and tag <= collect.last:
+            if tag <= collect.previous:
+                collect.usable = False  # out of order: pydicom's rules
+                continue
+            collect.previous = tag
+            field = _FIELDS.get(tag)
+            if field is not None:
+                if length == _UNDEFINED or (vr and vr != field[1]) or pos > end:
+                    collect.usable = False  # an unexpected encoding: pydicom's rules
+                    continue
+                collect.found[field[0]] = bytes(data[value_at:pos])
+            if tag in collect.extra or (tag == _CHARSET_TAG and collect.extra):
+                collect.spans.append((tag, vr, start, value_at, pos))
+    return (-1 if pos > end else pos), pixel_at
+
+
+def _walk_item(data: memoryview, pos: int, end: int, *, little: bool, implicit: bool) -> int:
+    """Skip the elements of an undefined-length item from ``pos``; returns the offset
+    after its delimiter, or -1 when the encoding is cut short."""
     order = "<" if little else ">"
     while pos < end:
-        if not in_item and end - pos < 8 and not any(data[pos:end]):
-            return end  # a few bytes of trailing NUL padding: pydicom ignores them too
         group, elem = struct.unpack_from(order + "HH", data, pos)
-        if pixel_at is not None and group == 0x7FE0 and elem == 0x0010:
-            pixel_at[0] = min(pixel_at[0], pos)
         if group == 0xFFFE:  # item / delimitation items carry no VR
             (length,) = struct.unpack_from(order + "I", data, pos + 4)
             pos += 8
-            if in_item and elem == 0xE00D:
+            if elem == 0xE00D:
                 return pos
             if length != _UNDEFINED:
                 pos += length
@@ -286,7 +406,7 @@ def _walk(
                 return -1
         else:
             pos += length
-    return -1 if in_item or pos > end else pos
+    return -1
 
 
 def _walk_items(data: memoryview, pos: int, end: int, *, little: bool, implicit: bool) -> int:
@@ -300,7 +420,7 @@ def _walk_items(data: memoryview, pos: int, end: int, *, little: bool, implicit:
         if (group, elem) != (0xFFFE, 0xE000):
             return -1
         if length == _UNDEFINED:
-            pos = _walk(data, pos, end, little=little, implicit=implicit, in_item=True)
+            pos = _walk_item(data, pos, end, little=little, implicit=implicit)
             if pos < 0:
                 return -1
         else:
@@ -354,6 +474,12 @@ _FIELDS: dict[int, tuple[str, bytes, int]] = {
 }
 _LAST_FIELD = max(_FIELDS)
 _CHARSET_TAG = 0x00080005
+#: Text VRs read without pydicom for routing: values split on backslashes...
+_SPLIT_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "PN", "SH", "TM", "UC", "UI"})
+#: ...and single-valued ones (pydicom does not split them)
+_WHOLE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UR"})
+_NO_ATTRIBUTES = ReceivedAttributes({}, {})
+_PIXEL_DATA = 0x7FE00010
 _UID_FIELDS = ("sop_class_uid", "sop_instance_uid", "study_instance_uid", "series_instance_uid")
 #: Specific character sets whose single-byte or UTF-8 decoding is a plain codec.
 _CODECS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
@@ -369,39 +495,35 @@ def extra_tags(keywords: Iterable[str]) -> frozenset[int]:
 def fast_header(
     dataset: bytes | bytearray | memoryview,
     transfer_syntax_uid: str,
-    header_end: int,
     extra: frozenset[int] = frozenset(),
-) -> tuple[InstanceHeader, Dataset] | None:
-    """The index attributes read straight from the encoded top-level elements, and a
-    dataset holding only the top-level elements whose tags are in ``extra``.
+) -> tuple[InstanceHeader, ReceivedAttributes] | None:
+    """The index attributes read straight from the encoded top-level elements, and the
+    attributes whose tags are in ``extra`` (what routing reads: any keyword, sequences
+    included).
 
     Handles the common case (little endian, explicit or implicit VR, single-valued
     plain values in ASCII, Latin-1 or UTF-8) and returns ``None`` for anything else,
-    which :func:`parse_header` (pydicom) then reads: both give identical headers. The
-    ``extra`` elements (what routing needs: any keyword, sequences included) are cut out
-    of the encoding as they are and decoded by pydicom with the dataset's Specific
-    Character Set, so they read exactly as in :func:`parse_header`'s dataset; pydicom
-    only walks those few elements instead of the whole header.
-    ``dataset`` must have passed :func:`check_complete`; ``header_end`` is its result.
+    which :func:`parse_header` (pydicom) then reads: both give identical headers. Of
+    the ``extra`` elements, plain text values are decoded here with the data set's
+    character set; sequences, numbers and binary values are cut out of the encoding
+    and decoded by pydicom, so that everything reads as
+    :func:`~dicom_node.archive.attributes.attributes_of` reads :func:`parse_header`'s
+    dataset.
 
     Raises
     ------
     InvalidInstance
-        A required UID is missing or invalid (as :func:`parse_header` would).
+        The data set is truncated or malformed, or a required UID is missing or invalid
+        (as :func:`parse_header` would).
     """
-    if transfer_syntax_uid == _IMPLICIT:
-        implicit = True
-    elif transfer_syntax_uid in _EXPLICIT_LE:
-        implicit = False
-    else:
-        return None
-    data = memoryview(dataset).cast("B")
-    if not implicit and len(data) >= 6 and not bytes(data[4:6]).isalpha():
-        return None  # pydicom's implicit-VR guess: leave it to pydicom
-    walked = _top_level_values(data, header_end, implicit, extra)
-    if walked is None:
-        return None
-    raw, spans = walked
+    return scan_dataset(dataset, transfer_syntax_uid, extra).fast
+
+
+def _fast_result(
+    data: memoryview, collected: _Collected, implicit: bool
+) -> tuple[InstanceHeader, ReceivedAttributes] | None:
+    """The header (and routing elements) from what :func:`_scan` gathered, or ``None``."""
+    raw = dict(collected.found)
     charset_raw = raw.pop("charset", b"")
     if not charset_raw.isascii() or b"\\" in charset_raw:
         return None
@@ -444,85 +566,57 @@ def fast_header(
         number_of_frames=frames,
         **texts,
     )
-    if not extra:
-        return header, Dataset()
+    if not collected.extra:
+        return header, _NO_ATTRIBUTES
     try:
-        return header, _read_spans(data, spans, implicit)
-    except _PYDICOM_ERRORS:
+        return header, _read_extras(data, collected, implicit, codec)
+    except (UnicodeDecodeError, *_PYDICOM_ERRORS):
         return None  # parse_header reads it (and says what is wrong)
 
 
-def _read_spans(data: memoryview, spans: list[tuple[int, int]], implicit: bool) -> Dataset:
-    """The elements at ``spans`` (encoded top-level elements, in order), decoded by
-    pydicom as part of a dataset."""
+def _read_extras(
+    data: memoryview, collected: _Collected, implicit: bool, codec: str
+) -> ReceivedAttributes:
+    """The routing elements gathered by :func:`_scan`: plain text values decoded here
+    (as pydicom decodes them: :func:`dicom_node.archive.attributes.attributes_of`), the
+    others (sequences, numbers, binary values) by pydicom, from their encoded bytes."""
+    texts: dict[str, tuple[str, ...]] = {}
+    for_pydicom: list[tuple[int, int]] = []
+    charset_span: tuple[int, int] | None = None
+    keywords: list[str] = []
+    for tag, vr, start, value_at, stop in collected.spans:
+        if tag not in collected.extra:  # the Specific Character Set, for pydicom
+            charset_span = (start, stop)
+            continue
+        keyword = keyword_for_tag(tag)
+        value = bytes(data[value_at:stop])
+        name = vr.decode("ascii") if vr else dictionary_VR(tag)
+        if name in _SPLIT_TEXT_VRS and b"\x1b" not in value:
+            texts[keyword] = split_values(value.decode(codec))
+        elif name in _WHOLE_TEXT_VRS and b"\x1b" not in value:
+            text = text_of(value.decode(codec))
+            texts[keyword] = (text,) if text else ()
+        else:
+            for_pydicom.append((start, stop))
+            keywords.append(keyword)
+    if not for_pydicom:
+        return ReceivedAttributes(texts, {})
+    spans = ([charset_span] if charset_span else []) + for_pydicom
     encoded = b"".join(data[start:stop] for start, stop in spans)
     ds = read_dataset(BytesIO(encoded), is_implicit_VR=implicit, is_little_endian=True)
     # every value is converted now: a malformed one fails here, as in parse_header
     for element in ds:
         _ = element.value
-    return ds
+    decoded = attributes_of(ds, keywords)
+    texts.update(decoded.texts())
+    return ReceivedAttributes(
+        texts, {k: decoded.items(k) for k in keywords if decoded.items(k) or k in ds}
+    )
 
 
 def _is_int(text: str) -> bool:
     digits = text[1:] if text[:1] in "+-" else text
     return digits.isascii() and digits.isdigit() and len(text) <= 12
-
-
-def _top_level_values(
-    data: memoryview, end: int, implicit: bool, extra: frozenset[int]
-) -> tuple[dict[str, bytes], list[tuple[int, int]]] | None:
-    """The raw values of the index's top-level elements, and the (start, stop) offsets
-    of the encoded elements whose tag is in ``extra`` (the Specific Character Set too,
-    when there are any); ``None`` when the encoding is unusual."""
-    found: dict[str, bytes] = {}
-    spans: list[tuple[int, int]] = []
-    last = max(_LAST_FIELD, max(extra, default=0))
-    pos = 0
-    previous = -1
-    unpack = struct.unpack_from
-    while pos < end:
-        if end - pos < 8:
-            return None
-        start = pos
-        group, elem = unpack("<HH", data, pos)
-        tag = group << 16 | elem
-        if tag <= previous or group == 0xFFFE:
-            return None
-        previous = tag
-        if tag > last:
-            break
-        if implicit:
-            (length,) = unpack("<I", data, pos + 4)
-            vr = b""
-            pos += 8
-        else:
-            vr = bytes(data[pos + 4 : pos + 6])
-            if vr in _LONG_VRS:
-                if end - pos < 12:
-                    return None
-                (length,) = unpack("<I", data, pos + 8)
-                pos += 12
-            else:
-                (length,) = unpack("<H", data, pos + 6)
-                pos += 8
-        field = _FIELDS.get(tag)
-        if length == _UNDEFINED:
-            if field is not None:
-                return None
-            pos = _walk_items(data, pos, end, little=True, implicit=implicit or vr == b"UN")
-            if pos < 0:
-                return None
-        else:
-            if pos + length > end:
-                return None
-            if field is not None:
-                if vr and vr != field[1]:
-                    return None  # an unexpected VR: pydicom's conversion rules
-                found[field[0]] = bytes(data[pos : pos + length])
-            pos += length
-        if extra and (tag in extra or tag == _CHARSET_TAG):
-            spans.append((start, pos))
-    return found, spans
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str:

@@ -14,10 +14,23 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.db import CompiledStatement
 from dicom_node.archive.header import InstanceHeader
 from dicom_node.archive.models import Instance, Patient, Series, Study
 
 _PARENT_CACHE_SIZE = 4096
+_INSTANCE_COLUMNS = (
+    "series_pk",
+    "sop_instance_uid",
+    "sop_class_uid",
+    "instance_number",
+    "number_of_frames",
+    "transfer_syntax_uid",
+    "size",
+    "path",
+    "calling_ae",
+    "received_at",
+)
 
 
 class ArchiveIndex:
@@ -30,27 +43,36 @@ class ArchiveIndex:
         self._parents: dict[str, tuple[int, int]] = {}
         self._writers = _WriterConnections(self._engine)
         self._deferred_engine: Engine | None = None
-        # Statements of the store path, built once: SQLAlchemy memoises a statement
-        # object's cache key, so executing the same object skips building and hashing a
-        # new one per instance (most of the cost of a Core statement).
-        self._insert_instance = insert(Instance).returning(Instance.id)
-        self._count_series = (
+        # Statements of the store path, compiled once and run on the DBAPI cursor (see
+        # config.db.CompiledStatement): per instance, SQLAlchemy's execution machinery
+        # cost as much CPU as the database's own work.
+        dialect = self._engine.dialect
+        self._insert_instance = CompiledStatement(
+            insert(Instance)
+            .values({name: bindparam(name) for name in _INSTANCE_COLUMNS})
+            .returning(Instance.id),
+            dialect,
+        )
+        self._count_series = CompiledStatement(
             update(Series)
             .where(Series.id == bindparam("pk"))
-            .values(number_of_instances=Series.number_of_instances + 1)
+            .values(number_of_instances=Series.number_of_instances + 1),
+            dialect,
         )
-        self._count_study = (
+        self._count_study = CompiledStatement(
             update(Study)
             .where(Study.id == bindparam("pk"))
-            .values(number_of_instances=Study.number_of_instances + 1)
+            .values(number_of_instances=Study.number_of_instances + 1),
+            dialect,
         )
-        self._count_study_series = (
+        self._count_study_series = CompiledStatement(
             update(Study)
             .where(Study.id == bindparam("pk"))
             .values(
                 number_of_instances=Study.number_of_instances + 1,
                 number_of_series=Study.number_of_series + 1,
-            )
+            ),
+            dialect,
         )
         placeholder = "?" if self._engine.dialect.paramstyle == "qmark" else "%s"
         self._has_instance_sql = (
@@ -128,8 +150,8 @@ class ArchiveIndex:
             else:
                 parents = (known[0], known[1], False)
             study_pk, series_pk, series_new = parents
-            instance_id: int = conn.execute(
-                self._insert_instance,
+            row = self._insert_instance.execute(
+                conn,
                 {
                     "series_pk": series_pk,
                     "sop_instance_uid": header.sop_instance_uid,
@@ -142,11 +164,11 @@ class ArchiveIndex:
                     "calling_ae": calling_ae[:16],
                     "received_at": received,
                 },
-            ).scalar_one()
-            conn.execute(self._count_series, {"pk": series_pk})
-            conn.execute(
-                self._count_study_series if series_new else self._count_study, {"pk": study_pk}
             )
+            instance_id = int(row[0])
+            self._count_series.execute(conn, {"pk": series_pk})
+            counter = self._count_study_series if series_new else self._count_study
+            counter.execute(conn, {"pk": study_pk})
             if series_new and header.modality:
                 _add_modality(conn, study_pk, header.modality)
             if on_inserted is not None:

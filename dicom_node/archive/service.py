@@ -22,18 +22,17 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from pydicom.dataset import Dataset
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_node.archive.attributes import ReceivedAttributes, attributes_of
 from dicom_node.archive.files import InstanceFiles
 from dicom_node.archive.header import (
     InstanceHeader,
-    check_complete,
     extra_tags,
-    fast_header,
     file_meta_bytes,
     parse_header,
+    scan_dataset,
 )
 from dicom_node.archive.index import ArchiveIndex
 from dicom_node.archive.journal import IngestJournal, Ticket
@@ -112,13 +111,16 @@ class StoreHook(Protocol):
         ...
 
     def prepare(
-        self, dataset: Dataset, header: InstanceHeader, calling_ae: str, default_issuer: str
+        self,
+        attributes: ReceivedAttributes,
+        header: InstanceHeader,
+        calling_ae: str,
+        default_issuer: str,
     ) -> object | None:
         """Decide before the transaction; ``None`` when there is nothing to persist.
 
-        ``dataset`` holds the index attributes and :meth:`keywords`; when ``keywords()``
-        is empty the archive may skip decoding and pass an empty dataset (``header``
-        carries the index attributes).
+        ``attributes`` holds the values of :meth:`keywords` (``header`` the index
+        attributes).
         """
         ...
 
@@ -177,15 +179,17 @@ class Archive:
         meta = file_meta_bytes(
             command_sop_class_uid, command_sop_instance_uid, transfer_syntax_uid, calling_ae
         )
-        header_end = check_complete(dataset, transfer_syntax_uid)
-        # the index attributes straight from the bytes, and pydicom only for the few
-        # elements routing reads; pydicom for the whole header when the fast reader
-        # declines (unusual encodings)
-        fast = fast_header(dataset, transfer_syntax_uid, header_end, self._extra_tags)
-        if fast is None:
-            header, parsed = parse_header(meta, memoryview(dataset)[:header_end], self._keywords)
+        # one walk checks the data set is complete and reads the index attributes
+        # straight from the bytes (pydicom decodes only the few elements routing reads);
+        # pydicom reads the whole header when the fast reader declines (unusual encodings)
+        scanned = scan_dataset(dataset, transfer_syntax_uid, self._extra_tags)
+        if scanned.fast is None:
+            header, parsed = parse_header(
+                meta, memoryview(dataset)[: scanned.header_end], self._keywords
+            )
+            attributes = attributes_of(parsed, self._keywords)
         else:
-            header, parsed = fast
+            header, attributes = scanned.fast
         if header.sop_instance_uid != command_sop_instance_uid:
             raise InvalidInstance(
                 "dataset SOP Instance UID differs from the command's", status=0xC211
@@ -197,7 +201,9 @@ class Archive:
 
         hook = self.hook
         prepared = (
-            hook.prepare(parsed, header, calling_ae, default_issuer) if hook is not None else None
+            hook.prepare(attributes, header, calling_ae, default_issuer)
+            if hook is not None
+            else None
         )
         chunks = (meta, dataset)
         size = len(meta) + len(dataset)
