@@ -200,7 +200,7 @@ class Ingest:
             write_gate=runtime.write_gate,
         )
         runtime.index.defer_durability(ingest_engine)
-        runtime.queue.defer_bookkeeping(make_sessions(ingest_engine))
+        runtime.queue.defer_bookkeeping(ingest_engine)
         self._writer = FileWriter(runtime.files)
         self._writer.start()
         runtime.archive.attach_journal(journal, self._writer)

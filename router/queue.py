@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.db import CompiledStatement
@@ -110,15 +110,17 @@ class JobQueue:
         clock: Clock = utcnow,
     ) -> None:
         self._sessions = sessions
-        # claims and acknowledgements: see defer_bookkeeping()
-        self._bookkeeping = sessions
+        # claims and acknowledgements (see defer_bookkeeping()), on Core connections:
+        # they run for every forwarded instance, and the ORM session's unit of work
+        # cost them most of their time
+        self._bookkeeping: Engine = sessions.kw["bind"]
         self.policy = policy or RetryPolicy()
         self._clock = clock
         self._inserts: dict[str, CompiledStatement] = {}
 
-    def defer_bookkeeping(self, sessions: sessionmaker[Session]) -> None:
-        """Commit claims and acknowledgements through ``sessions`` (a serving node's
-        ingest engine, whose commits do not wait for their own sync).
+    def defer_bookkeeping(self, engine: Engine) -> None:
+        """Commit claims and acknowledgements on ``engine`` (a serving node's ingest
+        engine, whose commits do not wait for their own sync).
 
         A power loss may then undo the latest claims (the jobs are claimable again) and
         acknowledgements (the instances are sent again: delivery is at least once, and a
@@ -127,7 +129,7 @@ class JobQueue:
         let an instance out that consent does not allow. Holds, drops and retries stay on
         durable commits.
         """
-        self._bookkeeping = sessions
+        self._bookkeeping = engine
 
     # -- creation (inside the caller's transaction) --------------------------------
 
@@ -177,9 +179,9 @@ class JobQueue:
         """Claim up to ``limit`` sendable jobs for ``destination`` under a lease."""
         now = self._clock()
         lease = now + timedelta(seconds=self.policy.lease_seconds)
-        with self._bookkeeping.begin() as session:
+        with self._bookkeeping.begin() as conn:
             ids = list(
-                session.scalars(
+                conn.scalars(
                     select(ForwardJob.id)
                     .where(
                         ForwardJob.destination == destination,
@@ -192,7 +194,7 @@ class JobQueue:
             )
             if not ids:
                 return []
-            session.execute(
+            conn.execute(
                 update(ForwardJob)
                 .where(ForwardJob.id.in_(ids))
                 .values(
@@ -202,7 +204,7 @@ class JobQueue:
                     updated_at=now,
                 )
             )
-            rows = session.execute(
+            rows = conn.execute(
                 select(
                     ForwardJob.id,
                     ForwardJob.destination,
@@ -224,17 +226,20 @@ class JobQueue:
         values.setdefault("lease_owner", "")
         values.setdefault("lease_until", None)
         values["updated_at"] = self._clock()
-        sessions = self._bookkeeping if bookkeeping else self._sessions
-        with sessions.begin() as session:
-            result = session.execute(
-                update(ForwardJob)
-                .where(
-                    ForwardJob.id == job_id,
-                    ForwardJob.state == JobState.SENDING.value,
-                    ForwardJob.lease_owner == owner[:64],
-                )
-                .values(**values)
+        statement = (
+            update(ForwardJob)
+            .where(
+                ForwardJob.id == job_id,
+                ForwardJob.state == JobState.SENDING.value,
+                ForwardJob.lease_owner == owner[:64],
             )
+            .values(**values)
+        )
+        if bookkeeping:
+            with self._bookkeeping.begin() as conn:
+                return bool(conn.execute(statement).rowcount)
+        with self._sessions.begin() as session:
+            result = session.execute(statement)
             return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def complete(self, job_id: int, owner: str) -> bool:
@@ -340,9 +345,12 @@ class JobQueue:
 
     def _bulk(self, conditions: Sequence[Any], *, bookkeeping: bool = False, **values: Any) -> int:
         values["updated_at"] = self._clock()
-        sessions = self._bookkeeping if bookkeeping else self._sessions
-        with sessions.begin() as session:
-            result = session.execute(update(ForwardJob).where(*conditions).values(**values))
+        statement = update(ForwardJob).where(*conditions).values(**values)
+        if bookkeeping:
+            with self._bookkeeping.begin() as conn:
+                return int(conn.execute(statement).rowcount)
+        with self._sessions.begin() as session:
+            result = session.execute(statement)
             return int(result.rowcount)  # type: ignore[attr-defined]
 
     # -- administration ------------------------------------------------------------
