@@ -65,21 +65,28 @@ AuditSink = Callable[[str, str, str, Mapping[str, Any]], None]
 
 
 class _RequestAccess:
-    """The consent checks of one request from a purpose-bound peer (cached per patient)."""
+    """The consent checks of one request (cached per patient): every purpose named must
+    permit the patient. A C-FIND or C-GET answers to the requesting peer, so its purpose
+    applies; a C-MOVE sends to its destination, so the destination peer's purpose applies
+    too (a care-team peer must not move a study to a purpose-bound destination the
+    patient has not consented to)."""
 
-    def __init__(self, access: PatientAccess | None, purpose: str) -> None:
+    def __init__(self, access: PatientAccess | None, *purposes: str) -> None:
         self._access = access
-        self.purpose = purpose
+        self.purposes = tuple(dict.fromkeys(p for p in purposes if p))
         self._cache: dict[tuple[str, str, str, str], bool] = {}
         self.permitted = 0
         self.withheld = 0
 
     def allows(self, patient: tuple[str, str, str, str]) -> bool:
-        if not self.purpose:
+        if not self.purposes:
             return True
         allowed = self._cache.get(patient)
         if allowed is None:
-            allowed = self._access is not None and self._access.permits(self.purpose, *patient)
+            access = self._access
+            allowed = access is not None and all(
+                access.permits(purpose, *patient) for purpose in self.purposes
+            )
             self._cache[patient] = allowed
         if allowed:
             self.permitted += 1
@@ -264,7 +271,7 @@ class NodeHandlers:
             self._metrics.errors.labels("move", hex(0xA801)).inc()
             yield None, None
             return
-        matches, withheld, failure = self._prepare(event, "move", destination.name)
+        matches, withheld, failure = self._prepare(event, "move", destination)
         kwargs: dict[str, Any] = {"ae_title": destination.ae_title}
         if matches:
             kwargs["contexts"] = _contexts_for(matches)
@@ -275,11 +282,11 @@ class NodeHandlers:
 
     def on_get(self, event: Event) -> Iterator[Any]:
         """C-GET: send matches back over the requestor's association."""
-        matches, withheld, failure = self._prepare(event, "get", "")
+        matches, withheld, failure = self._prepare(event, "get", None)
         yield from self._send_matches(event, matches, withheld, failure, "get")
 
     def _prepare(
-        self, event: Event, service: str, destination: str
+        self, event: Event, service: str, destination: PeerSettings | None
     ) -> tuple[list[_Match], int, int | None]:
         """The permitted instances to send, how many were withheld, or a failure status."""
         peer = self._peer(event)
@@ -295,9 +302,15 @@ class NodeHandlers:
                 LOG.warning("C-%s cannot be processed: %s", service.upper(), type(exc).__name__)
                 status = _UNABLE
             else:
-                checks = _RequestAccess(self._access, peer.purpose)
+                destination_purpose = destination.purpose if destination is not None else ""
+                checks = _RequestAccess(self._access, peer.purpose, destination_purpose)
                 permitted = [m for m in matches if checks.allows(m.patient)]
-                self._audit_access(service, peer, checks, {"destination": destination})
+                self._audit_access(
+                    service,
+                    peer,
+                    checks,
+                    {"destination": destination.name if destination is not None else ""},
+                )
                 if len(matches) <= _MAX_SUBOPERATIONS:
                     if matches and not permitted:
                         status = _REFUSED  # nothing the purpose permits
@@ -348,8 +361,8 @@ class NodeHandlers:
         checks: _RequestAccess,
         details: Mapping[str, Any],
     ) -> None:
-        """Trace a purpose-bound peer's query/retrieve in the audit log."""
-        if not peer.purpose or self._audit is None:
+        """Trace a query/retrieve under a purpose in the audit log."""
+        if not checks.purposes or self._audit is None:
             return
         try:
             self._audit(
@@ -357,7 +370,7 @@ class NodeHandlers:
                 f"dicom.{service}",
                 peer.ae_title,
                 {
-                    "purpose": peer.purpose,
+                    "purpose": ",".join(checks.purposes),
                     "permitted": checks.permitted,
                     "withheld": checks.withheld,
                     **details,

@@ -300,6 +300,41 @@ def test_move_sends_only_permitted_instances(qr: QrSetup) -> None:
     assert (status, received) == (SUCCESS, qr.uids("refused"))
 
 
+def test_move_to_a_purpose_bound_destination_needs_that_purpose(qr: QrSetup) -> None:
+    """The care team's PACS (no purpose of its own) asks for studies to be moved to the
+    purpose-bound regional peer: the destination's purpose decides what leaves."""
+    study = "QueryRetrieveLevel=STUDY"
+
+    def move_to_regional(role: str) -> tuple[str, set[str]]:
+        out = _out_dir(qr, "move-to-regional")
+        result = run_tool(
+            "/usr/bin/movescu",
+            "-v",
+            "-aet",
+            PACS_AE,
+            "-aem",
+            QR_AE,  # received by movescu itself, listening as the regional peer
+            "+P",
+            qr.qr_port,
+            "-od",
+            out,
+            "-aec",
+            qr.node.ae_title,
+            "-S",
+            "-k",
+            study,
+            "-k",
+            f"StudyInstanceUID={qr.study(role)}",
+            qr.node.host,
+            qr.node.port,
+        )
+        return _final_status(result.stdout + result.stderr), _received(out)
+
+    assert move_to_regional("granted") == (SUCCESS, qr.uids("granted"))
+    for role in ("refused", "never", "unknown"):
+        assert move_to_regional(role) == (REFUSED, set()), role
+
+
 def test_get_sends_only_permitted_instances(qr: QrSetup) -> None:
     study = "QueryRetrieveLevel=STUDY"
     assert getscu(qr, QR_AE, study, f"StudyInstanceUID={qr.study('granted')}") == (
