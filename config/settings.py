@@ -228,6 +228,15 @@ def parse_settings(raw: Mapping[str, Any], *, source: str, base_dir: Path) -> Se
         _parse_route(_table(item, source, f"routes[{i}]"), source, f"routes[{i}]", set(names))
         for i, item in enumerate(routes_raw)
     )
+    purposes = {p.name: p.purpose for p in peers}
+    for i, route in enumerate(routes):
+        bound = [d for d in route.destinations if purposes.get(d)]
+        if bound and not route.purpose:
+            raise ConfigError(
+                f"{source}: routes[{i}] ('{route.name}') has no purpose but sends to peer "
+                f"'{bound[0]}', which has purpose '{purposes[bound[0]]}': give the route a "
+                "purpose (what reaches a purpose-bound peer needs the patient's consent)"
+            )
     route_names = [r.name for r in routes]
     for name in route_names:
         if route_names.count(name) > 1:

@@ -335,3 +335,19 @@ def test_router_table_is_parsed_and_validated(tmp_path: Path) -> None:
     unknown.write_text("[router]\nmax_attempt = 3\n")
     with pytest.raises(ConfigError, match=r"unknown\.toml: unknown key 'router\.max_attempt'"):
         load_settings(unknown)
+
+
+def test_route_without_purpose_to_a_purpose_bound_peer_is_refused(tmp_path: Path) -> None:
+    text = (
+        "[[peers]]\nname = 'regional'\nae_title = 'REGIONAL'\nhost = '127.0.0.1'\n"
+        "port = 11112\nservices = ['find']\npurpose = 'PARTAGE'\n"
+        "[[routes]]\nname = 'to-regional'\ndestinations = ['regional']\n"
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    assert str(path) in message and "to-regional" in message and "PARTAGE" in message
+    # with a purpose, the same route is accepted
+    path.write_text(text + "purpose = 'PARTAGE'\n", encoding="utf-8")
+    assert load_settings(path).routes[0].purpose == "PARTAGE"
