@@ -1,0 +1,113 @@
+"""A withdrawal in the middle of a stream: jobs already claimed by the forwarder (state
+``sending``) are not sent, because consent is decided again immediately before each send.
+
+The destination holds the first C-STORE until the whole series is stored, so that the
+forwarder's next claim takes every remaining job; it holds the second C-STORE while the
+patient withdraws and the node applies the withdrawal. Only the instances that were
+already on the wire may arrive.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from config.settings import PeerSettings, RouteSettings
+from router.models import JobState
+from tests.conftest import (
+    FAST_FORWARD,
+    FAST_RETRY,
+    ISSUER,
+    RecordingScp,
+    job_states,
+    make_settings,
+    prepare_runtime,
+    seed_patient,
+    seed_purpose,
+    send_storescu,
+    wait_until,
+    with_routes,
+)
+from tests.corpus import make_small_series
+
+PURPOSE = "alpha"
+
+
+class GatedScp(RecordingScp):
+    """A recording storage SCP that holds each of its first C-STOREs until released."""
+
+    def __init__(self, ae_title: str, gates: int) -> None:
+        super().__init__(ae_title)
+        self.arrived = [threading.Event() for _ in range(gates)]
+        self.release = [threading.Event() for _ in range(gates)]
+        self._count = 0
+
+    def _on_store(self, event: Any) -> int:
+        n, self._count = self._count, self._count + 1
+        if n < len(self.arrived):
+            self.arrived[n].set()
+            self.release[n].wait(30)
+        return super()._on_store(event)
+
+    def open_all(self) -> None:
+        for gate in self.release:
+            gate.set()
+
+
+def test_withdrawal_stops_jobs_already_claimed(tmp_path: Path, db_url: str) -> None:
+    from cli.node_process import NodeProcess
+
+    series = make_small_series(tmp_path / "series", 8, patient_id="P-MID", seed=77)
+    dest = GatedScp("MIDDEST", gates=2).start()
+    settings = with_routes(
+        make_settings(tmp_path / "data", db_url),
+        [RouteSettings("regional", (), ("dest",), PURPOSE)],
+        [PeerSettings("dest", dest.ae_title, "127.0.0.1", dest.port, frozenset({"echo"}))],
+    )
+    runtime = prepare_runtime(settings, FAST_RETRY)
+    node: NodeProcess | None = None
+    consent = dict(issuer=ISSUER, patient_id="P-MID", purpose=PURPOSE, channel="cli", actor="t")
+    try:
+        store = runtime.consent
+        seed_purpose(store, PURPOSE)
+        seed_patient(store, "P-MID")
+        store.grant(**consent)
+        node = NodeProcess(runtime, forwarder_options=FAST_FORWARD, sync_interval=0.1)
+        host, port = node.start()
+        # the first instance is held at the destination while the rest are stored: the
+        # forwarder's next claim takes all of them
+        send_storescu(host, port, [f.path for f in series])
+        assert dest.arrived[0].wait(15), "the forwarder never sent the first instance"
+        dest.release[0].set()
+        assert dest.arrived[1].wait(15), "the forwarder never sent the second instance"
+        claimed = [u for u, s in job_states(runtime).items() if s == JobState.SENDING.value]
+        assert len(claimed) == len(series) - 1, "the rest are claimed in one batch"
+
+        store.withdraw(**consent)
+        # the node applies it: what is not claimed is dropped (claimed jobs stay sending)
+        wait_until(
+            lambda: JobState.READY.value not in job_states(runtime).values(),
+            10,
+            "the withdrawal to be applied",
+        )
+        dest.release[1].set()
+        wait_until(
+            lambda: JobState.SENDING.value not in job_states(runtime).values(),
+            15,
+            "the forwarder to finish its claimed jobs",
+        )
+        states = job_states(runtime)
+        sent = dest.uids()
+        # the first two were on the wire before the withdrawal; the six other claimed
+        # jobs are decided again before their send, and dropped
+        assert sent == [f.sop_instance_uid for f in series[:2]]
+        assert {states.pop(uid) for uid in sent} == {JobState.DONE.value}
+        assert set(states.values()) == {JobState.DROPPED.value}
+        assert len(states) == len(series) - 2
+    finally:
+        dest.open_all()
+        if node is not None:
+            node.stop(grace=1.0)
+        runtime.close()
+        dest.stop()
