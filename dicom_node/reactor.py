@@ -307,6 +307,8 @@ class GatewayDUL(DULServiceProvider):
     def _wait(self) -> None:
         """Block until the socket is readable, another thread woke us, or a timeout."""
         assoc_socket = self.socket
+        if getattr(assoc_socket, "buffered", 0):
+            return  # PDUs already read ahead: no need to wait for the connection
         sock = assoc_socket.socket if assoc_socket is not None else None
         fd = -1
         if sock is not None and getattr(assoc_socket, "_is_connected", False):

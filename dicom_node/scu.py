@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -21,13 +20,13 @@ from pynetdicom._globals import MODE_REQUESTOR
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import AddressInformation, AssociationSocket
+from pynetdicom.transport import AddressInformation
 
 from config.settings import NodeSettings, PeerSettings
 from dicom_node.contexts import VERIFICATION
 from dicom_node.reactor import GatewayAssociation
 from dicom_node.server import make_ae
-from dicom_node.transport import tune_socket
+from dicom_node.transport import ReadAheadSocket, tune_socket
 
 LOG = logging.getLogger(__name__)
 _MAX_CONTEXTS = 128
@@ -49,10 +48,10 @@ class SendReport:
     bytes_sent: int = 0
 
 
-class _RequestorSocket(AssociationSocket):
-    """Acknowledges every read at once (TCP_QUICKACK): a destination that leaves Nagle's
-    algorithm on (Debian's DCMTK and Orthanc do) writes a response in two segments and
-    would otherwise wait for our delayed ACK, about 40 ms per instance."""
+class _RequestorSocket(ReadAheadSocket):
+    """Reads ahead and acknowledges every read at once (TCP_QUICKACK): a destination that
+    leaves Nagle's algorithm on (Debian's DCMTK and Orthanc do) writes a response in two
+    segments and would otherwise wait for our delayed ACK, about 40 ms per instance."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -72,14 +71,6 @@ class _RequestorSocket(AssociationSocket):
             if sock is None:
                 raise OSError("association socket closed")
             send_all(sock, buffers)
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        data = super().recv(nr_bytes)
-        sock = self.socket
-        if sock is not None and _QUICKACK is not None:
-            with contextlib.suppress(OSError):  # closed meanwhile
-                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-        return data
 
 
 _IOV_MAX = 1024

@@ -2,9 +2,10 @@
 
 - Each accepted connection gets a :class:`GatewaySocket`: it refuses a PDU whose declared
   length exceeds what we accept (pynetdicom would allocate whatever a peer claims), reads
-  with ``recv_into`` into one buffer, sets ``TCP_NODELAY`` and keep-alive, and answers with
-  an immediate ACK (``TCP_QUICKACK``) so a sender that leaves Nagle's algorithm on is not
-  held up by our delayed ACKs.
+  ahead (:class:`ReadAheadSocket`: one system call usually brings a C-STORE's command and
+  data set), sets ``TCP_NODELAY`` and keep-alive, and answers with an immediate ACK
+  (``TCP_QUICKACK``) so a sender that leaves Nagle's algorithm on is not held up by our
+  delayed ACKs.
 - :class:`GatewayServer` is pynetdicom's threaded server with that socket and a shutdown
   that does not reach into the AE's private server list.
 """
@@ -45,7 +46,67 @@ def tune_socket(sock: socket.socket, *, keepalive_idle: int = 60) -> None:
         pass
 
 
-class GatewaySocket(AssociationSocket):
+#: bytes read from the kernel at a time when a PDU (or its header) is smaller
+READ_AHEAD = 256 * 1024
+
+
+class ReadAheadSocket(AssociationSocket):
+    """pynetdicom's association socket reading ahead: one ``recv`` system call usually
+    brings in several PDUs (a C-STORE's command and its data set, often), which the DUL
+    then takes from the buffer; PDUs larger than the buffer are read straight into
+    their own buffer. Each read acknowledges at once (``TCP_QUICKACK``): a peer that
+    leaves Nagle's algorithm on is not held up by our delayed ACKs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ahead = bytearray(READ_AHEAD)
+        self._ahead_view = memoryview(self._ahead)
+        self._start = 0
+        self._end = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes already read from the connection and not yet taken."""
+        return self._end - self._start
+
+    @property
+    def ready(self) -> bool:
+        """Whether data can be read (buffered, or waiting in the connection)."""
+        return self._end > self._start or bool(super().ready)
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read exactly ``nr_bytes`` (or fewer if the peer closes)."""
+        out = bytearray(nr_bytes)
+        view = memoryview(out)
+        got = min(nr_bytes, self._end - self._start)
+        if got:
+            view[:got] = self._ahead_view[self._start : self._start + got]
+            self._start += got
+            if got == nr_bytes:
+                return out
+        sock = self.socket
+        if sock is None:
+            return out[:got]
+        while got < nr_bytes:
+            remaining = nr_bytes - got
+            if remaining >= len(self._ahead):
+                n = sock.recv_into(view[got:], remaining)
+                taken = n
+            else:
+                n = sock.recv_into(self._ahead_view)
+                taken = min(n, remaining)
+                view[got : got + taken] = self._ahead_view[:taken]
+                self._start, self._end = taken, n
+            if n == 0:
+                return out[:got]
+            got += taken
+        if _QUICKACK is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        return out
+
+
+class GatewaySocket(ReadAheadSocket):
     """An accepted connection's socket with a bound on declared PDU lengths."""
 
     def __init__(
@@ -61,7 +122,8 @@ class GatewaySocket(AssociationSocket):
             client_socket.settimeout(assoc.network_timeout)
 
     def recv(self, nr_bytes: int) -> bytearray:
-        """Read exactly ``nr_bytes`` (or fewer if the peer closes)."""
+        """Read exactly ``nr_bytes`` (or fewer if the peer closes); a declared length over
+        the limit is not read at all."""
         if nr_bytes > self.max_pdu_length + 6:
             LOG.warning(
                 "peer declared a %d-byte PDU, over the %d-byte limit: closing connection",
@@ -69,22 +131,7 @@ class GatewaySocket(AssociationSocket):
                 self.max_pdu_length,
             )
             return bytearray()  # the DUL sees a short read and closes the transport
-        sock = self.socket
-        if sock is None:
-            return bytearray()
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        got = 0
-        while got < nr_bytes:
-            n = sock.recv_into(view[got:], nr_bytes - got)
-            if n == 0:
-                del view
-                return buffer[:got]
-            got += n
-        if _QUICKACK is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-        return buffer
+        return super().recv(nr_bytes)
 
 
 class GatewayRequestHandler(RequestHandler):

@@ -121,10 +121,14 @@ class DestinationWorker(threading.Thread):
                 self._wake.wait(self._options.poll_interval)
                 self._wake.clear()
                 continue
+            started = time.monotonic()
             self._process(jobs)
-            if len(jobs) < self._options.batch_size:
-                # let the next jobs gather: one claim and one acknowledgement for several
-                self._stopping.wait(self._options.batch_linger)
+            spent = time.monotonic() - started
+            if len(jobs) < self._options.batch_size and spent < self._options.batch_linger:
+                # claims at most every batch_linger seconds while jobs trickle in: one
+                # claim and one acknowledgement for several (a batch that took longer
+                # gave the next jobs that long to gather already)
+                self._stopping.wait(self._options.batch_linger - spent)
         self._close_link()
 
     def _record_acknowledged(self) -> None:
