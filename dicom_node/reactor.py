@@ -33,7 +33,8 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -120,6 +121,24 @@ def ui_element(element: int, value: str) -> bytes:
     return struct.pack("<HHI", 0, element, len(raw)) + raw
 
 
+def store_response_status(body: bytes | bytearray, message_id: int) -> int | None:
+    """The status of a P-DATA-TF PDU ``body`` carrying, in one PDV, the whole C-STORE-RSP
+    command set answering ``message_id``; ``None`` for anything else."""
+    if len(body) < 6:
+        return None
+    (length,) = struct.unpack_from(">I", body, 0)
+    if length != len(body) - 4 or body[5] != 0x03:  # one PDV: command, last fragment
+        return None
+    elements = _decode_command(bytes(body[6:]))
+    if (
+        elements is None
+        or _us(elements.get(0x0100, b"")) != 0x8001
+        or _us(elements.get(0x0120, b"")) != message_id
+    ):
+        return None
+    return _us(elements.get(0x0900, b""))
+
+
 def store_response_pdu(context_id: int, request: C_STORE, status: int) -> bytes:
     """A P-DATA-TF PDU carrying the C-STORE-RSP command set for ``request``.
 
@@ -150,27 +169,6 @@ class _PendingStore:
         self.context = context
         self.request = request
         self.fragments: list[memoryview] = []
-
-
-class StoreResponseWaiter:
-    """A C-STORE-RSP awaited by :class:`dicom_node.store_scu.StoreSender`."""
-
-    __slots__ = ("_done", "message_id", "status")
-
-    def __init__(self, message_id: int) -> None:
-        self.message_id = message_id
-        self.status: int | None = None
-        self._done = threading.Event()
-
-    def complete(self, status: int | None) -> None:
-        """Record the response's status (``None``: no response will come)."""
-        self.status = status
-        self._done.set()
-
-    def wait(self, timeout: float) -> int | None:
-        """The status, or ``None`` after ``timeout`` seconds or without a response."""
-        self._done.wait(timeout)
-        return self.status
 
 
 class NotifyingQueue(queue.Queue[_T]):
@@ -212,8 +210,10 @@ class GatewayDUL(DULServiceProvider):
         # request whose data set is being read
         self._command: list[tuple[int, int, memoryview]] = []
         self._pending: _PendingStore | None = None
-        # C-STORE SCU fast path: the response a StoreSender waits for
-        self._store_waiter: StoreResponseWaiter | None = None
+        # C-STORE SCU fast path: a StoreSender reads its own response; the reactor does
+        # not read the connection meanwhile (see reading())
+        self._reader = threading.Lock()
+        self._lent = False
 
     # -- waking ----------------------------------------------------------------------
 
@@ -245,25 +245,41 @@ class GatewayDUL(DULServiceProvider):
         try:
             self._run()
         finally:
-            waiter, self._store_waiter = self._store_waiter, None
-            if waiter is not None:
-                waiter.complete(None)  # the association is gone: no response will come
             for sock in (self._wake_r, self._wake_w):
                 sock.close()
             self._on_user_activity()
 
-    def expect_store_response(self, message_id: int) -> StoreResponseWaiter:
-        """Register the C-STORE-RSP to ``message_id`` for the fast path to pick out."""
-        waiter = StoreResponseWaiter(message_id)
-        self._store_waiter = waiter
-        if self._kill_thread:
-            waiter.complete(None)
-        return waiter
+    @contextmanager
+    def reading(self) -> Iterator[AssociationSocket | None]:
+        """Lend the connection to the calling thread, which reads a response itself.
 
-    def forget_store_response(self, waiter: StoreResponseWaiter) -> None:
-        """Stop waiting (answered, timed out or failed)."""
-        if self._store_waiter is waiter:
-            self._store_waiter = None
+        Meanwhile the reactor does not read the connection: the C-STORE SCU fast path
+        (:class:`dicom_node.store_scu.StoreSender`) writes its request and reads the
+        response on its own thread, without a hand-off to the reactor thread and back.
+        Whatever the caller read and did not consume it gives back to the socket's
+        read-ahead buffer (``unread``); the reactor then processes it as usual.
+        """
+        with self._reader:
+            self._lent = True
+            try:
+                yield self.socket
+            finally:
+                self._lent = False
+        if int(getattr(self.socket, "buffered", 0)):
+            self.wake()  # bytes given back: the reactor reads them now
+
+    def restart_idle_timer(self) -> None:
+        """Traffic was read on a lent connection: the association is not idle."""
+        self._idle_timer.restart()
+
+    def _is_transport_event(self) -> bool:
+        """pynetdicom's check and read of incoming data, unless the connection is lent."""
+        if not self._reader.acquire(blocking=False):
+            return False
+        try:
+            return bool(super()._is_transport_event())
+        finally:
+            self._reader.release()
 
     def _run(self) -> None:
         self._idle_timer.start()
@@ -307,6 +323,12 @@ class GatewayDUL(DULServiceProvider):
     def _wait(self) -> None:
         """Block until the socket is readable, another thread woke us, or a timeout."""
         assoc_socket = self.socket
+        if self._lent:
+            # another thread reads the connection: wait for a wake-up (or the timeout)
+            with contextlib.suppress(OSError, ValueError):
+                select.select([self._wake_r], [], [], DUL_MAX_WAIT)
+            self._drain_wake()
+            return
         if getattr(assoc_socket, "buffered", 0):
             return  # PDUs already read ahead: no need to wait for the connection
         sock = assoc_socket.socket if assoc_socket is not None else None
@@ -384,7 +406,7 @@ class GatewayDUL(DULServiceProvider):
             )
             self.event_queue.put("Evt17")
             return
-        if pdu_type == 0x04 and (self._fast_p_data(body) or self._fast_store_response(body)):
+        if pdu_type == 0x04 and self._fast_p_data(body):
             return
         header.extend(body)
         try:
@@ -457,27 +479,6 @@ class GatewayDUL(DULServiceProvider):
             if control & 2 and not self._start_store():
                 self._forward(values[index + 1 :])
                 return True
-        return True
-
-    def _fast_store_response(self, body: bytearray) -> bool:
-        """Take the awaited C-STORE-RSP: one PDV holding a whole command set whose
-        command field, message ID and status say so. Anything else: pynetdicom's."""
-        waiter = self._store_waiter
-        if waiter is None or len(body) < 6:
-            return False
-        (length,) = struct.unpack_from(">I", body, 0)
-        if length != len(body) - 4 or body[5] != 0x03:  # one PDV: command, last fragment
-            return False
-        elements = _decode_command(bytes(body[6:]))
-        if (
-            elements is None
-            or _us(elements.get(0x0100, b"")) != 0x8001
-            or _us(elements.get(0x0120, b"")) != waiter.message_id
-            or _us(elements.get(0x0900, b"")) is None
-        ):
-            return False
-        self._store_waiter = None
-        waiter.complete(_us(elements[0x0900]))
         return True
 
     def _give_up(self, _reason: None) -> bool:

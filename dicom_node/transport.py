@@ -69,6 +69,18 @@ class ReadAheadSocket(AssociationSocket):
         """Bytes already read from the connection and not yet taken."""
         return self._end - self._start
 
+    def unread(self, data: bytes | bytearray) -> None:
+        """Give bytes back: the next reads return them first."""
+        if not data:
+            return
+        rest = bytes(self._ahead_view[self._start : self._end])
+        combined = bytes(data) + rest
+        if len(combined) > len(self._ahead):
+            self._ahead = bytearray(len(combined))
+            self._ahead_view = memoryview(self._ahead)
+        self._ahead_view[: len(combined)] = combined
+        self._start, self._end = 0, len(combined)
+
     @property
     def ready(self) -> bool:
         """Whether data can be read (buffered, or waiting in the connection)."""
