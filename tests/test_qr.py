@@ -805,21 +805,10 @@ def test_getscu_retrieves_a_study(loaded_node: RunningNode, truth: Truth, tmp_pa
         assert _pixel_data(path) == _pixel_data(sources[uid]), uid
 
 
-def test_get_mixed_syntax_study_with_pynetdicom(loaded_node: RunningNode, truth: Truth) -> None:
-    files = {f.sop_instance_uid: f for f in truth.files}
-    study = max(
-        truth.studies.values(),
-        key=lambda s: len({files[i].transfer_syntax_uid for i in s.instances}),
-    )
-    in_study = [files[i] for i in study.instances]
-    received: dict[str, Dataset] = {}
-
-    def on_store(event: evt.Event) -> int:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        received[str(ds.SOPInstanceUID)] = ds
-        return 0x0000
-
+def _get_association(
+    loaded_node: RunningNode, in_study: list[CorpusFile], on_store: Callable[[Any], int]
+) -> Association:
+    """A C-GET requestor association for a study's SOP classes and syntaxes (SCP role)."""
     ae = AE(ae_title=PACS_AE)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
@@ -835,6 +824,25 @@ def test_get_mixed_syntax_study_with_pynetdicom(loaded_node: RunningNode, truth:
         evt_handlers=[(evt.EVT_C_STORE, on_store)],
     )
     assert assoc.is_established
+    return assoc
+
+
+def test_get_mixed_syntax_study_with_pynetdicom(loaded_node: RunningNode, truth: Truth) -> None:
+    files = {f.sop_instance_uid: f for f in truth.files}
+    study = max(
+        truth.studies.values(),
+        key=lambda s: len({files[i].transfer_syntax_uid for i in s.instances}),
+    )
+    in_study = [files[i] for i in study.instances]
+    received: dict[str, Dataset] = {}
+
+    def on_store(event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received[str(ds.SOPInstanceUID)] = ds
+        return 0x0000
+
+    assoc = _get_association(loaded_node, in_study, on_store)
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = study.uid
@@ -867,13 +875,6 @@ def test_get_cancelled_by_the_requestor_stops_with_fe00(
     in_study = [files[i] for i in study.instances]
     message_id = 7
     received: list[str] = []
-    ae = AE(ae_title=PACS_AE)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    pairs = sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in in_study})
-    for sop_class, syntax in pairs:
-        ae.add_requested_context(sop_class, [syntax])
-    roles = [build_role(c, scp_role=True) for c in {c for c, _ in pairs}]
     holder: dict[str, Association] = {}
 
     def on_store(event: evt.Event) -> int:
@@ -888,14 +889,7 @@ def test_get_cancelled_by_the_requestor_stops_with_fe00(
             assoc.send_c_cancel(message_id, get_context.context_id)
         return 0x0000
 
-    assoc = ae.associate(
-        loaded_node.host,
-        loaded_node.port,
-        ae_title=loaded_node.ae_title,
-        ext_neg=roles,
-        evt_handlers=[(evt.EVT_C_STORE, on_store)],
-    )
-    assert assoc.is_established
+    assoc = _get_association(loaded_node, in_study, on_store)
     holder["assoc"] = assoc
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
