@@ -30,7 +30,6 @@ from dicom_node.transport import ReadAheadSocket, tune_socket
 
 LOG = logging.getLogger(__name__)
 _MAX_CONTEXTS = 128
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 _UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 
 

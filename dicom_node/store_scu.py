@@ -47,9 +47,6 @@ class _LockedSender(Protocol):
     def unread(self, data: bytes | bytearray) -> None: ...
 
     @property
-    def buffered(self) -> int: ...
-
-    @property
     def socket(self) -> socket.socket | None: ...
 
 

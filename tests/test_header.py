@@ -208,17 +208,23 @@ def test_random_headers_read_the_same_both_ways(drawn: tuple[Dataset, bool]) -> 
         assert attributes["ImageType"] == (tuple(image_type) if multiple else (image_type,))
 
 
-def test_without_routing_keywords_no_dataset_is_decoded() -> None:
+def _minimal(implicit: bool = False, **attributes: str) -> bytes:
+    """A CT header with its UIDs and ``attributes``, encoded little endian."""
     ds = Dataset()
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = "1.2.3.4.5"
     ds.StudyInstanceUID = "1.2.3.5.1"
     ds.SeriesInstanceUID = "1.2.3.6.1"
-    ds.PatientID = "P1"
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
     raw = DicomBytesIO()
-    raw.is_little_endian, raw.is_implicit_VR = True, False
+    raw.is_little_endian, raw.is_implicit_VR = True, implicit
     write_dataset(raw, ds)
-    data = raw.getvalue()
+    return bytes(raw.getvalue())
+
+
+def test_without_routing_keywords_no_dataset_is_decoded() -> None:
+    data = _minimal(PatientID="P1")
     syntax = str(ExplicitVRLittleEndian)
     result = fast_header(data, syntax)
     assert result is not None
@@ -231,18 +237,9 @@ def test_without_routing_keywords_no_dataset_is_decoded() -> None:
 def test_unusual_routing_element_falls_back_to_pydicom(implicit: bool) -> None:
     """A routing element whose value pydicom cannot convert: the fast reader declines,
     and pydicom's reading refuses the data set (it cannot be understood)."""
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = "1.2.3.4.5"
-    ds.StudyInstanceUID = "1.2.3.5.1"
-    ds.SeriesInstanceUID = "1.2.3.6.1"
-    ds.Modality = "CT"
-    raw = DicomBytesIO()
-    raw.is_little_endian, raw.is_implicit_VR = True, implicit
-    write_dataset(raw, ds)
     # Rows (0028,0010) is US: 2 bytes; give it 3 (pydicom cannot unpack it)
     rows = b"\x28\x00\x10\x00" + (b"\x03\x00\x00\x00" if implicit else b"US\x03\x00")
-    data = raw.getvalue() + rows + b"\x01\x02\x03\x00"
+    data = _minimal(implicit, Modality="CT") + rows + b"\x01\x02\x03\x00"
     syntax = str(ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian)
     assert fast_header(data, syntax, extra_tags({"Rows"})) is None
     meta = file_meta_bytes(CTImageStorage, "1.2.3.4.5", syntax, "MODALITY")
