@@ -15,7 +15,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Integer,
+    and_,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.db import CompiledStatement
@@ -56,6 +67,7 @@ class ClaimedJob:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
+    size: int = 0  # of the archive file, in bytes (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -92,12 +104,70 @@ _JOB_COLUMNS = (
 )
 
 
-def _claimable(now: datetime) -> Any:
+def _claimable(now: Any) -> Any:
     """Ready and due, or claimed under a lease that has expired (its node died)."""
     return or_(
         and_(ForwardJob.state == JobState.READY.value, ForwardJob.next_attempt_at <= now),
         and_(ForwardJob.state == JobState.SENDING.value, ForwardJob.lease_until < now),
     )
+
+
+class _HotStatements:
+    """The statements each forwarder runs for every batch, built once (building a
+    statement and its cache key cost more than running it); values are bound by name."""
+
+    def __init__(self) -> None:
+        ids: Any = bindparam("b_ids", expanding=True)
+        now = bindparam("b_now", type_=ForwardJob.updated_at.type)
+        self.claimable = (
+            select(ForwardJob.id)
+            .where(ForwardJob.destination == bindparam("b_dest"), _claimable(now))
+            .order_by(ForwardJob.id)
+            .limit(bindparam("b_limit", type_=Integer))
+            .with_for_update(skip_locked=True)
+        )
+        self.take = (
+            update(ForwardJob)
+            .where(ForwardJob.id.in_(ids))
+            .values(
+                state=JobState.SENDING.value,
+                lease_owner=bindparam("b_owner"),
+                lease_until=bindparam("b_lease", type_=ForwardJob.lease_until.type),
+                updated_at=now,
+            )
+        )
+        self.claimed = (
+            select(
+                ForwardJob.id,
+                ForwardJob.destination,
+                ForwardJob.purpose,
+                ForwardJob.patient_pk,
+                ForwardJob.attempts,
+                Instance.path,
+                Instance.sop_class_uid,
+                Instance.sop_instance_uid,
+                Instance.transfer_syntax_uid,
+                Instance.size,
+            )
+            .join(Instance, Instance.id == ForwardJob.instance_pk)
+            .where(ForwardJob.id.in_(ids))
+            .order_by(ForwardJob.id)
+        )
+        self.complete = (
+            update(ForwardJob)
+            .where(
+                ForwardJob.id.in_(ids),
+                ForwardJob.state == JobState.SENDING.value,
+                ForwardJob.lease_owner == bindparam("b_owner"),
+            )
+            .values(
+                state=JobState.DONE.value,
+                last_error="",
+                lease_owner="",
+                lease_until=None,
+                updated_at=now,
+            )
+        )
 
 
 class JobQueue:
@@ -117,6 +187,7 @@ class JobQueue:
         self.policy = policy or RetryPolicy()
         self._clock = clock
         self._inserts: dict[str, CompiledStatement] = {}
+        self._hot = _HotStatements()
 
     def defer_bookkeeping(self, engine: Engine) -> None:
         """Commit claims and acknowledgements on ``engine`` (a serving node's ingest
@@ -179,47 +250,18 @@ class JobQueue:
         """Claim up to ``limit`` sendable jobs for ``destination`` under a lease."""
         now = self._clock()
         lease = now + timedelta(seconds=self.policy.lease_seconds)
+        hot = self._hot
         with self._bookkeeping.begin() as conn:
             ids = list(
-                conn.scalars(
-                    select(ForwardJob.id)
-                    .where(
-                        ForwardJob.destination == destination,
-                        _claimable(now),
-                    )
-                    .order_by(ForwardJob.id)
-                    .limit(limit)
-                    .with_for_update(skip_locked=True)
-                )
+                conn.scalars(hot.claimable, {"b_dest": destination, "b_now": now, "b_limit": limit})
             )
             if not ids:
                 return []
             conn.execute(
-                update(ForwardJob)
-                .where(ForwardJob.id.in_(ids))
-                .values(
-                    state=JobState.SENDING.value,
-                    lease_owner=owner[:64],
-                    lease_until=lease,
-                    updated_at=now,
-                )
+                hot.take,
+                {"b_ids": ids, "b_owner": owner[:64], "b_lease": lease, "b_now": now},
             )
-            rows = conn.execute(
-                select(
-                    ForwardJob.id,
-                    ForwardJob.destination,
-                    ForwardJob.purpose,
-                    ForwardJob.patient_pk,
-                    ForwardJob.attempts,
-                    Instance.path,
-                    Instance.sop_class_uid,
-                    Instance.sop_instance_uid,
-                    Instance.transfer_syntax_uid,
-                )
-                .join(Instance, Instance.id == ForwardJob.instance_pk)
-                .where(ForwardJob.id.in_(ids))
-                .order_by(ForwardJob.id)
-            ).all()
+            rows = conn.execute(hot.claimed, {"b_ids": ids}).all()
         return [ClaimedJob(*row) for row in rows]
 
     def _finish(self, job_id: int, owner: str, *, bookkeeping: bool = False, **values: Any) -> bool:
@@ -252,18 +294,12 @@ class JobQueue:
         """Several acknowledged jobs recorded in one transaction."""
         if not job_ids:
             return 0
-        return self._bulk(
-            [
-                ForwardJob.id.in_(list(job_ids)),
-                ForwardJob.state == JobState.SENDING.value,
-                ForwardJob.lease_owner == owner[:64],
-            ],
-            bookkeeping=True,
-            state=JobState.DONE.value,
-            last_error="",
-            lease_owner="",
-            lease_until=None,
-        )
+        with self._bookkeeping.begin() as conn:
+            result = conn.execute(
+                self._hot.complete,
+                {"b_ids": list(job_ids), "b_owner": owner[:64], "b_now": self._clock()},
+            )
+            return int(result.rowcount)
 
     def retry_later(
         self, job: ClaimedJob, owner: str, error: str, *, permanent: bool = False
