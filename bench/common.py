@@ -381,17 +381,39 @@ def terminate_on_sigterm() -> Iterator[None]:
 
 
 def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds used so far by process ``pid`` (all its threads, ended
-    ones included), from ``/proc/<pid>/stat``; ``None`` where that cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            stat = fh.read()
-        # fields after the command name (which may hold spaces) in parentheses
-        fields = stat[stat.rindex(")") + 2 :].split()
-        ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-        return ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
+    """User + system CPU seconds used so far by process ``pid`` and its descendants (all
+    threads, ended ones included; children it has waited for, and the live ones), from
+    ``/proc``; ``None`` where ``pid`` cannot be read."""
+    stats = _proc_stats()
+    if pid not in stats:
         return None
+    ticks = 0
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        ticks += stats[current][1]
+        todo.extend(child for child, (parent, _) in stats.items() if parent == current)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stats() -> dict[int, tuple[int, int]]:
+    """For every readable process: (parent pid, CPU ticks of itself and its waited-for
+    children)."""
+    stats: dict[int, tuple[int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                stat = fh.read()
+            # fields after the command name (which may hold spaces) in parentheses
+            fields = stat[stat.rindex(")") + 2 :].split()
+            # ppid (field 4); utime, stime, cutime, cstime (fields 14 to 17)
+            ticks = sum(int(f) for f in fields[11:15])
+            stats[int(entry)] = (int(fields[1]), ticks)
+        except (OSError, ValueError, IndexError):
+            continue
+    return stats
 
 
 def median(values: Sequence[float]) -> float:

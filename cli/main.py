@@ -188,7 +188,7 @@ def serve(app: AppContext) -> None:
         raise ConfigProblem(str(exc)) from None
     node = NodeProcess(runtime)
     try:
-        ops = OpsServer(runtime, node_settings.http_host, node_settings.http_port, node.ingest)
+        ops = OpsServer(runtime, node_settings.http_host, node_settings.http_port, node)
     except OSError as exc:
         raise CliError(
             f"cannot listen on HTTP {node_settings.http_host}:{node_settings.http_port}: "

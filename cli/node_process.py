@@ -1,7 +1,8 @@
 """Everything ``consentgate serve`` runs, started and stopped in the right order.
 
 Start: archive directories and ingest journal (replayed after a crash), DICOM node,
-forwarders, consent synchronisation, HTTP endpoint. Stop: stop accepting associations and
+forwarders (threads, or a child process: ``[router] forwarders``), consent
+synchronisation, HTTP endpoint. Stop: stop accepting associations and
 let in-flight ones finish, then stop the forwarders (their claimed-but-unsent jobs go back
 to the queue), then the rest; last, the journal's final checkpoint.
 """
@@ -12,6 +13,7 @@ import logging
 import threading
 from collections.abc import Iterable
 
+from cli.forward_process import ForwarderProcess
 from cli.runtime import Ingest, Runtime, build_node
 from router.consent_sync import ConsentSync
 from router.forwarder import ForwarderOptions, ForwarderPool
@@ -62,14 +64,24 @@ class NodeProcess:
         self.runtime = runtime
         self.ingest = Ingest(runtime)
         self.node = build_node(runtime)
-        self.forwarders = ForwarderPool(
-            runtime.settings,
-            runtime.queue,
-            runtime.files,
-            runtime.consent.decide,
-            forwarder_options,
-            on_sent=lambda dest, n: runtime.metrics.forwarded.labels(dest).inc(n),
-        )
+
+        def on_sent(destination: str, count: int) -> None:
+            runtime.metrics.forwarded.labels(destination).inc(count)
+
+        self.forwarders: ForwarderPool | ForwarderProcess
+        if tuning.forwarders == "process":
+            self.forwarders = ForwarderProcess(
+                runtime.settings, runtime.queue, forwarder_options, on_sent=on_sent
+            )
+        else:
+            self.forwarders = ForwarderPool(
+                runtime.settings,
+                runtime.queue,
+                runtime.files,
+                runtime.consent.decide,
+                forwarder_options,
+                on_sent=on_sent,
+            )
         self.sync = ConsentSync(
             runtime.queue,
             runtime.sessions,
@@ -107,6 +119,13 @@ class NodeProcess:
         self.forwarders.start()
         self._sync_thread.start()
         return address
+
+    def health(self) -> dict[str, str]:
+        """The node's checks of ``/healthz``: ingest journal, archive writes, forwarders."""
+        checks = self.ingest.health()
+        if isinstance(self.forwarders, ForwarderProcess):
+            checks["forwarders"] = self.forwarders.health()
+        return checks
 
     def _on_consent_change(self, change: object) -> None:
         # a change made in this process: poll now rather than at the next interval

@@ -7,17 +7,23 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from sqlalchemy import text
 
-from cli.runtime import Ingest, Runtime
+from cli.runtime import Runtime
 
 LOG = logging.getLogger(__name__)
 
 StartResponse = Callable[..., Any]
+
+
+class NodeChecks(Protocol):
+    """A serving node's own checks (``NodeProcess``, or its ``Ingest`` alone)."""
+
+    def health(self) -> dict[str, str]: ...
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -25,9 +31,10 @@ class _QuietHandler(WSGIRequestHandler):
         LOG.debug("http: " + format, *args)
 
 
-def health(runtime: Runtime, ingest: Ingest | None = None) -> tuple[bool, dict[str, str]]:
+def health(runtime: Runtime, node: NodeChecks | None = None) -> tuple[bool, dict[str, str]]:
     """Check the database answers, the archive directories are writable and, for a
-    serving node, that journal checkpoints and archive writes succeed."""
+    serving node, that journal checkpoints and archive writes succeed and the forwarder
+    process runs."""
     checks: dict[str, str] = {}
     try:
         with runtime.engine.connect() as connection:
@@ -37,13 +44,13 @@ def health(runtime: Runtime, ingest: Ingest | None = None) -> tuple[bool, dict[s
         checks["database"] = f"error: {type(exc).__name__}"
     for name, path in (("archive", runtime.files.root), ("staging", runtime.files.tmp)):
         checks[name] = "ok" if os.access(path, os.W_OK) else "error: not writable"
-    if ingest is not None:
-        checks.update(ingest.health())
+    if node is not None:
+        checks.update(node.health())
     return not any(v.startswith("error") for v in checks.values()), checks
 
 
 def make_app(
-    runtime: Runtime, registry: CollectorRegistry, ingest: Ingest | None = None
+    runtime: Runtime, registry: CollectorRegistry, node: NodeChecks | None = None
 ) -> Callable[..., Iterable[bytes]]:
     """The WSGI application serving the two endpoints."""
     metrics_app = make_wsgi_app(registry)
@@ -53,7 +60,7 @@ def make_app(
         if path == "/metrics":
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
         if path == "/healthz":
-            ok, checks = health(runtime, ingest)
+            ok, checks = health(runtime, node)
             body = json.dumps({"status": "ok" if ok else "error", **checks}).encode()
             status = "200 OK" if ok else "503 Service Unavailable"
             start_response(status, [("Content-Type", "application/json")])
@@ -68,10 +75,10 @@ class OpsServer:
     """Serves the operations endpoint in a background thread."""
 
     def __init__(
-        self, runtime: Runtime, host: str, port: int, ingest: Ingest | None = None
+        self, runtime: Runtime, host: str, port: int, node: NodeChecks | None = None
     ) -> None:
         self._server: WSGIServer = make_server(
-            host, port, make_app(runtime, runtime.registry, ingest), handler_class=_QuietHandler
+            host, port, make_app(runtime, runtime.registry, node), handler_class=_QuietHandler
         )
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="ops-http", daemon=True

@@ -119,16 +119,7 @@ def build_runtime(settings: Settings) -> Runtime:
             sex=patient.sex,
         )
 
-    tuning = settings.router
-    queue = JobQueue(
-        sessions,
-        RetryPolicy(
-            max_attempts=tuning.max_attempts,
-            base_delay=tuning.retry_base_delay,
-            max_delay=tuning.retry_max_delay,
-            lease_seconds=tuning.lease_seconds,
-        ),
-    )
+    queue = _make_queue(settings, sessions)
     planner = Planner(routes, resolve_facts, consent.decide)
     wakeups = Wakeups()
     return Runtime(
@@ -153,6 +144,64 @@ def build_runtime(settings: Settings) -> Runtime:
             if node.journal_segment_mb
             else None
         ),
+    )
+
+
+def _make_queue(settings: Settings, sessions: sessionmaker[Session]) -> JobQueue:
+    tuning = settings.router
+    return JobQueue(
+        sessions,
+        RetryPolicy(
+            max_attempts=tuning.max_attempts,
+            base_delay=tuning.retry_base_delay,
+            max_delay=tuning.retry_max_delay,
+            lease_seconds=tuning.lease_seconds,
+        ),
+    )
+
+
+@dataclass
+class ForwardingServices:
+    """What the forwarder process needs: the queue, the archive files, consent decisions."""
+
+    engine: Engine
+    files: InstanceFiles
+    queue: JobQueue
+    consent: ConsentStore
+
+    def close(self) -> None:
+        """Release the database connections."""
+        self.consent.close()
+        self.engine.dispose()
+
+
+def build_forwarding(settings: Settings) -> ForwardingServices:
+    """Wire the settings to the forwarders' services, in the forwarder process.
+
+    The archive files are written by the serving process (a file not placed yet is
+    waited for). With the ingest journal on, the queue's claims and acknowledgements do
+    not wait for their own sync, as in the serving process: the journal's checkpoints
+    make them durable (a lost acknowledgement costs a resend, never a lost job).
+    """
+    node = settings.node
+    write_gate = SqliteWriteGate()
+    engine = make_engine(node.effective_database_url, pool_size=4, write_gate=write_gate)
+    sessions = make_sessions(engine)
+    queue = _make_queue(settings, sessions)
+    if node.journal_segment_mb:
+        queue.defer_bookkeeping(
+            make_engine(
+                node.effective_database_url,
+                pool_size=4,
+                durable_commits=False,
+                write_gate=write_gate,
+            )
+        )
+    return ForwardingServices(
+        engine=engine,
+        files=InstanceFiles(node.data_dir, written_by_another_process=True),
+        queue=queue,
+        consent=ConsentStore(sessions),
     )
 
 

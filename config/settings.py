@@ -25,6 +25,10 @@ _DUPLICATE_POLICIES = ("keep",)
 #: ``[router] retention``: what happens to the local copy of instances whose jobs a consent
 #: refusal or withdrawal dropped (see :mod:`router.retention`).
 RETENTION_POLICIES = ("keep", "delete-unneeded")
+#: ``[router] forwarders``: where the forwarders run. ``process``: in a child process of
+#: ``consentgate serve`` (the receiving and forwarding sides then use both cores instead of
+#: sharing one interpreter lock); ``thread``: in the serving process itself.
+FORWARDER_MODES = ("process", "thread")
 
 
 class ConfigError(ValueError):
@@ -74,6 +78,7 @@ class RouterSettings:
     consent_poll_interval: float = 1.0
     consent_sweep_interval: float = 30.0
     retention: str = "keep"
+    forwarders: str = "process"
 
 
 @dataclass(frozen=True)
@@ -267,6 +272,9 @@ def _parse_router(tbl: Mapping[str, Any], source: str) -> RouterSettings:
         ),
         retention=_choice(
             tbl, "retention", defaults.retention, RETENTION_POLICIES, source, "router"
+        ),
+        forwarders=_choice(
+            tbl, "forwarders", defaults.forwarders, FORWARDER_MODES, source, "router"
         ),
     )
     if router.retry_max_delay < router.retry_base_delay:

@@ -176,7 +176,7 @@ class DestinationWorker(threading.Thread):
             if decision.outcome is not Outcome.PERMIT:
                 self._queue.hold(job, self._owner, f"consent: {decision.reason}")
                 return
-        path = self._files.absolute(job.path)
+        path = self._files.absolute(job.path, size=job.size)
         if self._unreachable:  # one connection attempt per batch, not one per job
             self._queue.retry_later(job, self._owner, self._unreachable)
             return
@@ -257,6 +257,16 @@ class DestinationWorker(threading.Thread):
                 self._link = None
 
 
+def new_owner() -> str:
+    """A lease owner name for one run of a set of forwarders."""
+    return f"node-{uuid.uuid4().hex[:12]}"
+
+
+def forwarded_destinations(settings: Settings) -> list[str]:
+    """The peers that routes send to, sorted: one forwarder each."""
+    return sorted({d for r in settings.routes for d in r.destinations})
+
+
 def _contexts(wanted: set[tuple[str, str]]) -> list[PresentationContext]:
     """One context per (SOP class, transfer syntax), plus uncompressed fall-backs."""
     pairs: list[tuple[str, str]] = []
@@ -291,12 +301,12 @@ class ForwarderPool:
         decide: Decide,
         options: ForwarderOptions | None = None,
         on_sent: Callable[[str, int], None] | None = None,
+        owner: str = "",
     ) -> None:
-        self.owner = f"node-{uuid.uuid4().hex[:12]}"
+        self.owner = owner or new_owner()
         options = options or ForwarderOptions()
-        destinations = {d for r in settings.routes for d in r.destinations}
         self._workers: dict[str, DestinationWorker] = {}
-        for name in sorted(destinations):
+        for name in forwarded_destinations(settings):
             peer = settings.peer_by_name(name)
             if peer is None:  # settings validation makes this impossible
                 continue

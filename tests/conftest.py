@@ -315,6 +315,32 @@ def write_config(
     return path
 
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def process_gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie not reaped yet counts as exited)."""
+    fields = _proc_stat(pid)
+    return fields is None or fields[0] == "Z"
+
+
+def child_pids(parent: int) -> list[int]:
+    """The live processes whose parent is ``parent``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _proc_stat(int(entry))
+            if fields is not None and fields[0] != "Z" and fields[1] == str(parent):
+                found.append(int(entry))
+    return found
+
+
 class ServeProcess:
     """``consentgate --config CONFIG serve`` in a subprocess, killed on exit whatever happens.
 
@@ -364,6 +390,11 @@ class ServeProcess:
             return int(exc.code), exc.read()
         except OSError:
             return 0, b""
+
+    def children(self) -> list[int]:
+        """Process ids of the node's live child processes (its forwarder process)."""
+        assert self.proc is not None
+        return child_pids(self.proc.pid)
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None
@@ -618,6 +649,27 @@ class RecordingScp:
     def clear(self) -> None:
         with self._lock:
             self.received.clear()
+
+
+class GatedScp(RecordingScp):
+    """A recording storage SCP that holds each of its first C-STOREs until released."""
+
+    def __init__(self, ae_title: str, gates: int) -> None:
+        super().__init__(ae_title)
+        self.arrived = [threading.Event() for _ in range(gates)]
+        self.release = [threading.Event() for _ in range(gates)]
+        self._count = 0
+
+    def _on_store(self, event: Any) -> int:
+        n, self._count = self._count, self._count + 1
+        if n < len(self.arrived):
+            self.arrived[n].set()
+            self.release[n].wait(30)
+        return super()._on_store(event)
+
+    def open_all(self) -> None:
+        for gate in self.release:
+            gate.set()
 
 
 def with_routes(

@@ -9,9 +9,7 @@ already on the wire may arrive.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
-from typing import Any
 
 from config.settings import PeerSettings, RouteSettings
 from router.models import JobState
@@ -19,7 +17,7 @@ from tests.conftest import (
     FAST_FORWARD,
     FAST_RETRY,
     ISSUER,
-    RecordingScp,
+    GatedScp,
     job_states,
     make_settings,
     prepare_runtime,
@@ -32,27 +30,6 @@ from tests.conftest import (
 from tests.corpus import make_small_series
 
 PURPOSE = "alpha"
-
-
-class GatedScp(RecordingScp):
-    """A recording storage SCP that holds each of its first C-STOREs until released."""
-
-    def __init__(self, ae_title: str, gates: int) -> None:
-        super().__init__(ae_title)
-        self.arrived = [threading.Event() for _ in range(gates)]
-        self.release = [threading.Event() for _ in range(gates)]
-        self._count = 0
-
-    def _on_store(self, event: Any) -> int:
-        n, self._count = self._count, self._count + 1
-        if n < len(self.arrived):
-            self.arrived[n].set()
-            self.release[n].wait(30)
-        return super()._on_store(event)
-
-    def open_all(self) -> None:
-        for gate in self.release:
-            gate.set()
 
 
 def test_withdrawal_stops_jobs_already_claimed(tmp_path: Path, db_url: str) -> None:

@@ -40,6 +40,7 @@ from tests.conftest import (
     job_states,
     make_settings,
     prepare_runtime,
+    process_gone,
     seed_patient,
     seed_purpose,
     send_storescu,
@@ -313,7 +314,16 @@ def test_destination_down_then_kill_9_mid_forward(tmp_path: Path, db_url: str) -
             at_kill = wait_until(
                 lambda: (n := orthanc.count()) >= KILL_AT and n, 30, "forwarding to start", 0.01
             )
+            forwarder_processes = first.children()
+            assert len(forwarder_processes) == 1, "the forwarders run in their own process"
             first.kill()
+            # the forwarder process does not outlive its node: it ends its current send,
+            # puts its claimed jobs back and exits
+            wait_until(
+                lambda: all(process_gone(p) for p in forwarder_processes),
+                20,
+                "the killed node's forwarder process to exit",
+            )
             after_kill = orthanc.count()
             assert at_kill < QUEUED and after_kill < QUEUED, "forwarding ended before the kill"
             states = job_states(db_runtime)

@@ -331,6 +331,14 @@ def test_router_table_is_parsed_and_validated(tmp_path: Path) -> None:
     bad.write_text("[router]\nretry_base_delay = 10\nretry_max_delay = 1\n")
     with pytest.raises(ConfigError, match=r"bad\.toml: router\.retry_max_delay"):
         load_settings(bad)
+    assert router.forwarders == "process"
+    threads = tmp_path / "threads.toml"
+    threads.write_text('[router]\nforwarders = "thread"\n')
+    assert load_settings(threads).router.forwarders == "thread"
+    mode = tmp_path / "mode.toml"
+    mode.write_text('[router]\nforwarders = "fork"\n')
+    with pytest.raises(ConfigError, match=r"mode\.toml: router\.forwarders.*process.*thread"):
+        load_settings(mode)
     unknown = tmp_path / "unknown.toml"
     unknown.write_text("[router]\nmax_attempt = 3\n")
     with pytest.raises(ConfigError, match=r"unknown\.toml: unknown key 'router\.max_attempt'"):

@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,12 @@ class StoredFile:
 class InstanceFiles:
     """The instance file tree under ``<data_dir>/archive`` with its ``tmp`` staging area."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, written_by_another_process: bool = False) -> None:
         self.root = data_dir / "archive"
         self.tmp = data_dir / "tmp"
+        # True in the forwarder process: the files are written by the serving process,
+        # whose reservations this process cannot see; a file not there yet is waited for
+        self._written_elsewhere = written_by_another_process
         self._layout_ready = False
         self._layout_lock = threading.Lock()
         # paths whose file is being written in the background: readers wait for them
@@ -60,11 +64,15 @@ class InstanceFiles:
         digest = hashlib.sha256(sop_instance_uid.encode("ascii", "replace")).hexdigest()
         return f"{digest[:2]}/{digest}.dcm"
 
-    def absolute(self, relative_path: str, wait: float = 60.0) -> Path:
+    def absolute(self, relative_path: str, wait: float = 60.0, size: int = 0) -> Path:
         """The absolute path of an archive-relative path (which must stay inside the root).
 
         If the file is reserved (being written in the background), waits up to ``wait``
-        seconds for it to be written, so that a reader never sees a partial file.
+        seconds for it to be written, so that a reader never sees a partial file. In a
+        process that does not write the files (``written_by_another_process``), waits
+        a bounded time for the file to exist and hold at least ``size`` bytes (its
+        indexed size: the serving process writes archive files in place, after the
+        index row has committed).
         """
         if not _SAFE_RELATIVE.fullmatch(relative_path):
             # a path of another layout: check it the slow way (symbolic links resolved)
@@ -75,6 +83,10 @@ class InstanceFiles:
         written = self._reserved.get(relative_path)
         if written is not None and not written.wait(wait):
             raise OSError(errno.EBUSY, "archive file still being written", str(path))
+        if self._written_elsewhere:
+            # written within milliseconds normally; one still missing or short after a
+            # few seconds was lost or cannot be written (the caller fails, retries later)
+            _await_file(path, size, min(wait, _ELSEWHERE_WAIT))
         return path
 
     def reserve(self, relative_path: str) -> None:
@@ -113,7 +125,9 @@ class InstanceFiles:
         """Write ``chunks`` straight to the file's final place, without any sync.
 
         Only for a file whose bytes are already durable elsewhere (the ingest journal);
-        returns the size written. A failed write removes what it left.
+        returns the size written. A failed write removes what it left. (Readers in this
+        process wait for the reservation; one in another process for the file to reach
+        its indexed size: see :meth:`absolute`.)
         """
         if not self._layout_ready:
             self._create_layout()
@@ -188,6 +202,8 @@ _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # the layout's own paths (hex digest names): inside the root by construction
 _SAFE_RELATIVE = re.compile(r"[0-9a-f]{2}(?:/[0-9a-f]{2})?/[0-9a-f]{64}\.dcm")
 _IOV_MAX = 512
+#: seconds a reader in another process waits for a file the serving process has not placed
+_ELSEWHERE_WAIT = 10.0
 
 
 def _write_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview]) -> int:
@@ -204,6 +220,24 @@ def _write_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview]) -> int
         if written:
             views[0] = views[0][written:]
     return total
+
+
+def _await_file(path: Path, size: int, wait: float) -> None:
+    """Wait up to ``wait`` seconds for another process to write ``size`` bytes (at least
+    one) to ``path``."""
+    deadline = time.monotonic() + wait
+    delay = 0.001
+    while True:
+        try:
+            if os.stat(path).st_size >= max(size, 1):
+                return
+            code, problem = errno.EBUSY, "archive file incomplete"
+        except FileNotFoundError:
+            code, problem = errno.ENOENT, "archive file not written"
+        if time.monotonic() >= deadline:
+            raise OSError(code, problem, str(path))
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def fsync_directory(directory: Path) -> None:
