@@ -44,6 +44,7 @@ from router.queue import JobQueue
 LOG = logging.getLogger(__name__)
 _ALL = 255
 _RESTART_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+_READY_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,12 @@ class ForwarderProcess:
             target=self._supervise, args=(report,), name="forwarder-supervisor", daemon=True
         )
         self._supervisor.start()
-        if not self._ready.wait(60):
-            LOG.error("the forwarder process did not report ready within 60 s")
+        deadline = time.monotonic() + _READY_TIMEOUT
+        while not self._ready.wait(0.05):
+            # a child that died at once is restarted by the supervisor: do not wait for it
+            if self.pid is None or time.monotonic() > deadline:
+                LOG.error("the forwarder process is not running yet (see /healthz)")
+                return
 
     def wake(self, destination: str | None = None) -> None:
         """Tell the child that jobs may be ready (never blocks: a lost wake-up costs at

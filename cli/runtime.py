@@ -39,6 +39,7 @@ from dicom_node.errors import InvalidInstance
 from dicom_node.handlers import NodeHandlers
 from dicom_node.metrics import NodeMetrics
 from dicom_node.server import DicomNode
+from router.forwarder import forwarded_destinations
 from router.gate import AccessGate, ArchivedPatient
 from router.hook import RoutingHook, Wakeups
 from router.planner import PatientFacts, Planner
@@ -185,14 +186,16 @@ def build_forwarding(settings: Settings) -> ForwardingServices:
     """
     node = settings.node
     write_gate = SqliteWriteGate()
-    engine = make_engine(node.effective_database_url, pool_size=4, write_gate=write_gate)
+    # a connection per forwarder (one per destination), plus one
+    pool_size = len(forwarded_destinations(settings)) + 1
+    engine = make_engine(node.effective_database_url, pool_size=pool_size, write_gate=write_gate)
     sessions = make_sessions(engine)
     queue = _make_queue(settings, sessions)
     if node.journal_segment_mb:
         queue.defer_bookkeeping(
             make_engine(
                 node.effective_database_url,
-                pool_size=4,
+                pool_size=pool_size,
                 durable_commits=False,
                 write_gate=write_gate,
             )
