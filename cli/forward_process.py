@@ -177,6 +177,8 @@ class ForwarderProcess:
         with self._lock:
             self._proc = proc
             self._wake_fd = wake_w
+            if self._stopping.is_set():  # stop() ran meanwhile: this child ends at once
+                self._close_wake()
         self.starts += 1
         return os.fdopen(report_r, "rb")
 
@@ -187,13 +189,15 @@ class ForwarderProcess:
             self._read_reports(report)
             report.close()
             with self._lock:
-                proc = self._proc
-                if proc is not None and not self._stopping.is_set():
-                    self._proc = None
-                    self._close_wake()
-            if self._stopping.is_set() or proc is None:
+                # None: stop() took the child (and waits for it)
+                proc, self._proc = self._proc, None
+                self._close_wake()
+                stopping = self._stopping.is_set()
+            if proc is None:
                 return
-            status = _finish(proc, 10.0)
+            status = _finish(proc, 20.0)
+            if stopping:  # a child started while the node was stopping
+                return
             LOG.error("the forwarder process exited unexpectedly (status %s)", status)
             self._release(self.owner)
             failures = 0 if time.monotonic() - started > 60 else failures + 1

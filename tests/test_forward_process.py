@@ -2,9 +2,12 @@
 
 The serving process supervises the child: a forwarder process that dies is replaced, its
 claimed jobs go back to the queue at once (no waiting for the lease), nothing is lost,
-and ``/healthz`` answers 503 (over HTTP) until the new one runs. A node that stops takes
-its forwarder process with it. (That the child also ends when its node is killed with
-SIGKILL is checked in test_routing_e2e's kill -9 test.)
+and ``/healthz`` answers 503 (over HTTP) until the new one runs. A node that stops
+(``NodeProcess.stop``, or ``consentgate serve`` on SIGTERM) takes its forwarder process
+with it, and the child ignores the signals a terminal or a service manager sends to the
+whole process group. A reader in another process waits for an archive file to reach
+its indexed size. (That the child also ends when its node is killed with SIGKILL is
+checked in test_routing_e2e's kill -9 test.)
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from cli.forward_process import ForwarderProcess
+from cli.main import cli
 from cli.node_process import NodeProcess
 from cli.ops_http import OpsServer
 from config.settings import PeerSettings, RouteSettings
@@ -31,13 +36,18 @@ from tests.conftest import (
     FAST_FORWARD,
     FAST_RETRY,
     GatedScp,
+    RecordingScp,
+    ServeProcess,
+    free_port,
     job_states,
     make_settings,
     prepare_runtime,
     process_gone,
     send_storescu,
+    toml_routes,
     wait_until,
     with_routes,
+    write_config,
 )
 from tests.corpus import make_small_series
 
@@ -176,3 +186,62 @@ def test_a_reader_in_another_process_waits_for_the_whole_file(
     with pytest.raises(OSError) as raised:
         reader.absolute(relative, wait=0.3, size=len(whole) + 1)
     assert raised.value.errno == errno.EBUSY
+
+
+def test_serve_stops_its_forwarder_process_on_sigterm_which_the_child_ignores(
+    tmp_path: Path, db_url: str
+) -> None:
+    dest = RecordingScp("SERVEDEST").start()
+    dicom_port, http_port = free_port(), free_port()
+    config = write_config(
+        tmp_path / "cg.toml",
+        tmp_path / "data",
+        db_url,
+        dicom_port=dicom_port,
+        http_port=http_port,
+        peers=[
+            {
+                "name": "modality",
+                "ae_title": "STORESCU",
+                "host": "127.0.0.1",
+                "port": 104,
+                "services": ["echo", "store"],
+            },
+            {
+                "name": "dest",
+                "ae_title": dest.ae_title,
+                "host": "127.0.0.1",
+                "port": dest.port,
+                "services": ["echo"],
+            },
+        ],
+    )
+    with config.open("a", encoding="utf-8") as fh:
+        fh.write(toml_routes([{"name": "care-team", "destinations": ["dest"]}]))
+    assert CliRunner().invoke(cli, ["--config", str(config), "init"]).exit_code == 0
+    serve = ServeProcess(config, http_port, tmp_path / "serve.log")
+    series = make_small_series(tmp_path / "series", 3, patient_id="P-SERVE", seed=9)
+    try:
+        serve.start()
+        status, body = serve.healthz()
+        assert status == 200 and json.loads(body)["forwarders"] == "ok"
+        (child,) = serve.children()
+        # a signal meant for the whole process group (a terminal's Ctrl-C, a service
+        # manager) must not stop the child before its node: it ignores it
+        os.kill(child, signal.SIGTERM)
+        os.kill(child, signal.SIGINT)
+        send_storescu("127.0.0.1", dicom_port, [f.path for f in series])
+        wait_until(
+            lambda: set(dest.uids()) == {f.sop_instance_uid for f in series},
+            15,
+            "the forwarder process to send after the signals",
+        )
+        assert not process_gone(child)
+        serve.signal(signal.SIGTERM)
+        assert serve.wait(30) == 0
+        wait_until(lambda: process_gone(child), 10, "the forwarder process to exit")
+        log = serve.log()
+        assert "Traceback" not in log and "exited unexpectedly" not in log
+    finally:
+        serve.kill()
+        dest.stop()
