@@ -268,6 +268,18 @@ def dataset_bytes(path: Path) -> bytes:
 CONSENTGATE_BIN = Path(sys.executable).with_name("consentgate")
 
 
+def modality_peer(**extra: object) -> dict[str, object]:
+    """The ``[[peers]]`` entry of DCMTK storescu (AE title STORESCU) as a modality."""
+    return {
+        "name": "modality",
+        "ae_title": MODALITY_AE,
+        "host": "127.0.0.1",
+        "port": 104,
+        "services": ["echo", "store"],
+        **extra,
+    }
+
+
 def write_config(
     path: Path,
     data_dir: Path,

@@ -41,6 +41,7 @@ from tests.conftest import (
     free_port,
     job_states,
     make_settings,
+    modality_peer,
     prepare_runtime,
     process_gone,
     send_storescu,
@@ -200,13 +201,7 @@ def test_serve_stops_its_forwarder_process_on_sigterm_which_the_child_ignores(
         dicom_port=dicom_port,
         http_port=http_port,
         peers=[
-            {
-                "name": "modality",
-                "ae_title": "STORESCU",
-                "host": "127.0.0.1",
-                "port": 104,
-                "services": ["echo", "store"],
-            },
+            modality_peer(),
             {
                 "name": "dest",
                 "ae_title": dest.ae_title,

@@ -39,6 +39,7 @@ from tests.conftest import (
     free_port,
     job_states,
     make_settings,
+    modality_peer,
     prepare_runtime,
     process_gone,
     seed_patient,
@@ -222,14 +223,7 @@ def test_destination_down_then_kill_9_mid_forward(tmp_path: Path, db_url: str) -
     data_dir = tmp_path / "data"
     dicom_port, http_port = free_port(), free_port()
     peers = [
-        {
-            "name": "modality",
-            "ae_title": "STORESCU",
-            "host": "127.0.0.1",
-            "port": 104,
-            "services": ["echo", "store"],
-            "issuer": ISSUER,
-        },
+        modality_peer(issuer=ISSUER),
         {
             "name": "regional",
             "ae_title": orthanc.ae_title,
