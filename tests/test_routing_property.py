@@ -11,9 +11,10 @@ Hypothesis draws, per example:
 - a sequence of steps: send an instance (DCMTK-free: a pynetdicom SCU, as the modality)
   or record a consent decision (grant, refuse, withdraw) between the sends.
 
-A fresh node (NodeProcess: forwarders and consent synchronisation) runs each example on
-SQLite. After every step the test waits until the queue is quiet (nothing ready or being
-sent, no held job whose consent has been decided), so the expected outcome is exact:
+A fresh node (NodeProcess: forwarders, in their own process, and consent
+synchronisation) runs each example on a fresh database, SQLite and PostgreSQL. After
+every step the test waits until the queue is quiet (nothing ready or being sent, no held
+job whose consent has been decided), so the expected outcome is exact:
 
 - a route without purpose delivers everything it matches;
 - with a purpose, an unknown or mismatching patient's instances are held (never sent);
@@ -28,6 +29,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -52,6 +55,7 @@ from tests.conftest import (
     FAST_RETRY,
     ISSUER,
     MODALITY_AE,
+    PG_ADMIN_DSN,
     RecordingScp,
     make_settings,
     prepare_runtime,
@@ -104,16 +108,65 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> list[Item]:
     return items
 
 
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A migrated SQLite database, copied for each example."""
-    path = tmp_path_factory.mktemp("template") / "template.db"
-    engine = make_engine(f"sqlite:///{path}")
+class FreshDatabases:
+    """A migrated template database, copied for each example: a SQLite file, or a
+    PostgreSQL database (``CREATE DATABASE ... TEMPLATE``)."""
+
+    def __init__(self, backend: str, directory: Path) -> None:
+        self.backend = backend
+        self._template_file = directory / "template.db"
+        self._template_name = f"cg_prop_tmpl_{uuid.uuid4().hex[:10]}"
+        if backend == "sqlite":
+            url = f"sqlite:///{self._template_file}"
+        else:
+            self._admin(f'CREATE DATABASE "{self._template_name}"')
+            url = self._pg_url(self._template_name)
+        engine = make_engine(url)
+        try:
+            upgrade(engine)
+        finally:
+            engine.dispose()
+
+    @staticmethod
+    def _admin(sql: str) -> None:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(sql)
+
+    @staticmethod
+    def _pg_url(name: str) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+    def create(self, work: Path) -> str:
+        """A fresh copy of the template; returns its URL."""
+        if self.backend == "sqlite":
+            shutil.copy(self._template_file, work / "index.db")
+            return f"sqlite:///{work / 'index.db'}"
+        name = f"cg_prop_{uuid.uuid4().hex[:12]}"
+        self._admin(f'CREATE DATABASE "{name}" TEMPLATE "{self._template_name}"')
+        return self._pg_url(name)
+
+    def drop(self, url: str) -> None:
+        if self.backend == "postgres":
+            name = url.rsplit("/", 1)[1]
+            self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def close(self) -> None:
+        if self.backend == "postgres":
+            self._admin(f'DROP DATABASE IF EXISTS "{self._template_name}" WITH (FORCE)')
+
+
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def databases(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[FreshDatabases]:
+    """Fresh databases for the examples, on SQLite and on PostgreSQL."""
+    fresh = FreshDatabases(str(request.param), tmp_path_factory.mktemp("template"))
     try:
-        upgrade(engine)
+        yield fresh
     finally:
-        engine.dispose()
-    return path
+        fresh.close()
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +306,7 @@ def _send(host: str, port: int, item: Item) -> None:
 )
 def test_destinations_receive_exactly_the_permitted_instances(
     pool: list[Item],
-    template_db: Path,
+    databases: FreshDatabases,
     destinations: dict[str, RecordingScp],
     identity: dict[str, str],
     drawn_routes: list[tuple[int, set[str], str]],
@@ -269,14 +322,12 @@ def test_destinations_receive_exactly_the_permitted_instances(
         scp.clear()
 
     work = Path(tempfile.mkdtemp(prefix="cg-prop-"))
-    shutil.copy(template_db, work / "index.db")
+    db_url = databases.create(work)
     peers = [
         PeerSettings(name, scp.ae_title, "127.0.0.1", scp.port, frozenset({"echo"}))
         for name, scp in destinations.items()
     ]
-    settings_ = with_routes(
-        make_settings(work / "data", f"sqlite:///{work / 'index.db'}"), routes, peers
-    )
+    settings_ = with_routes(make_settings(work / "data", db_url), routes, peers)
     runtime = prepare_runtime(settings_, FAST_RETRY)
     node: NodeProcess | None = None
     model = Model(identity)
@@ -336,4 +387,5 @@ def test_destinations_receive_exactly_the_permitted_instances(
         if node is not None:
             node.stop(grace=1.0)
         runtime.close()
+        databases.drop(db_url)
         shutil.rmtree(work, ignore_errors=True)
