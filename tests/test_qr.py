@@ -22,12 +22,13 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 
 from tests.conftest import PACS_AE, RunningNode, run_tool, storescu
@@ -905,3 +906,68 @@ def test_get_cancelled_by_the_requestor_stops_with_fe00(
     assert received == received[:1], "nothing is sent after the cancel"
     assert final.NumberOfCompletedSuboperations == 1
     assert final.NumberOfRemainingSuboperations == len(in_study) - 1
+
+
+def test_move_cancelled_by_the_requestor_stops_with_fe00(
+    loaded_node: RunningNode, truth: Truth
+) -> None:
+    """C-CANCEL during a C-MOVE: the node stops sending and answers Cancel (0xFE00).
+
+    The move destination (a pynetdicom SCP on the "pacs" peer's port) has the requestor
+    send C-CANCEL while it handles the first sub-operation, and answers that C-STORE
+    200 ms later: the node has read the cancel (on the other association) by then.
+    """
+    study = max(truth.studies.values(), key=lambda s: len(s.instances))
+    assert len(study.instances) >= 3
+    pacs = loaded_node.settings.peer_by_name("pacs")
+    assert pacs is not None
+    message_id = 9
+    received: list[str] = []
+    holder: dict[str, Association] = {}
+
+    def on_store(event: evt.Event) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        if len(received) == 1:
+            requestor = holder["assoc"]
+            move_context = next(
+                cx
+                for cx in requestor.accepted_contexts
+                if cx.abstract_syntax == StudyRootQueryRetrieveInformationModelMove
+            )
+            requestor.send_c_cancel(message_id, move_context.context_id)
+            time.sleep(0.2)
+        return 0x0000
+
+    destination = AE(ae_title=PACS_AE)
+    for context in AllStoragePresentationContexts:
+        destination.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    server = destination.start_server(
+        ("127.0.0.1", pacs.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    requestor = AE(ae_title=PACS_AE)
+    requestor.acse_timeout = requestor.dimse_timeout = requestor.network_timeout = 15
+    requestor.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    try:
+        assoc = requestor.associate(
+            loaded_node.host, loaded_node.port, ae_title=loaded_node.ae_title
+        )
+        assert assoc.is_established
+        holder["assoc"] = assoc
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study.uid
+        try:
+            responses = list(
+                assoc.send_c_move(
+                    query, PACS_AE, StudyRootQueryRetrieveInformationModelMove, msg_id=message_id
+                )
+            )
+        finally:
+            assoc.release()
+    finally:
+        server.shutdown()
+    final = responses[-1][0]
+    assert final.Status == 0xFE00
+    assert len(received) == 1, "nothing is sent after the cancel"
+    assert final.NumberOfCompletedSuboperations == 1
+    assert final.NumberOfRemainingSuboperations == len(study.instances) - 1
