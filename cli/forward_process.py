@@ -204,18 +204,21 @@ class ForwarderProcess:
             delay = _RESTART_DELAYS[min(failures, len(_RESTART_DELAYS) - 1)]
             if self._stopping.wait(delay):
                 return
-            with self._lock:
-                if self._stopping.is_set():
-                    return
+            respawned = self._respawn()
+            if respawned is None:
+                return
+            report = respawned
+            LOG.info("forwarder process restarted")
+
+    def _respawn(self) -> IO[bytes] | None:
+        """Start a new child, retrying while that fails; ``None`` once the node stops."""
+        while not self._stopping.is_set():
             try:
-                report = self._spawn()
+                return self._spawn()
             except OSError as exc:
                 LOG.error("cannot start the forwarder process: %s", exc.strerror or exc)
-                failures += 1
-                if self._stopping.wait(_RESTART_DELAYS[-1]):
-                    return
-                continue
-            LOG.info("forwarder process restarted")
+                self._stopping.wait(_RESTART_DELAYS[-1])
+        return None
 
     def _read_reports(self, report: IO[bytes]) -> None:
         for raw in report:

@@ -16,11 +16,13 @@ import errno
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -239,4 +241,49 @@ def test_serve_stops_its_forwarder_process_on_sigterm_which_the_child_ignores(
         assert "Traceback" not in log and "exited unexpectedly" not in log
     finally:
         serve.kill()
+        dest.stop()
+
+
+def test_a_forwarder_process_that_cannot_be_started_is_retried(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import cli.forward_process as forward_process
+
+    monkeypatch.setattr(forward_process, "_RESTART_DELAYS", (0.1,) * 6)
+    dest = RecordingScp("RETRYDEST").start()
+    settings = with_routes(
+        make_settings(tmp_path / "data", db_url),
+        [RouteSettings("care-team", (), ("dest",), "")],
+        [PeerSettings("dest", dest.ae_title, "127.0.0.1", dest.port, frozenset({"echo"}))],
+    )
+    runtime = prepare_runtime(settings, FAST_RETRY)
+    node = NodeProcess(runtime, forwarder_options=FAST_FORWARD)
+    real_popen = subprocess.Popen
+    failures: list[int] = []
+
+    def failing_once(*args: Any, **kwargs: Any) -> Any:
+        if not failures:
+            failures.append(1)
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        return real_popen(*args, **kwargs)
+
+    try:
+        node.start()
+        forwarders = node.forwarders
+        assert isinstance(forwarders, ForwarderProcess)
+        first_pid = forwarders.pid
+        assert first_pid is not None
+        monkeypatch.setattr(subprocess, "Popen", failing_once)
+        os.kill(first_pid, signal.SIGKILL)
+        wait_until(
+            lambda: forwarders.pid not in (None, first_pid) and node.health()["forwarders"] == "ok",
+            15,
+            "a forwarder process after a failed start",
+        )
+        assert failures == [1]
+        assert "cannot start the forwarder process" in caplog.text
+    finally:
+        monkeypatch.setattr(subprocess, "Popen", real_popen)
+        node.stop(grace=1.0)
+        runtime.close()
         dest.stop()
