@@ -126,7 +126,7 @@ class ForwarderProcess:
             self._close_wake()
         if proc is not None:
             _finish(proc, timeout)
-        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+        if self._supervisor is not None:
             self._supervisor.join(timeout=5)
         if self.owner:
             self._release(self.owner)

@@ -31,7 +31,7 @@ from cli.forward_process import ForwarderProcess
 from cli.main import cli
 from cli.node_process import NodeProcess
 from cli.ops_http import OpsServer
-from config.settings import PeerSettings, RouteSettings
+from config.settings import PeerSettings, RouteSettings, Settings
 from dicom_node.archive.files import InstanceFiles
 from router.models import JobState
 from tests.conftest import (
@@ -55,6 +55,15 @@ from tests.conftest import (
 from tests.corpus import make_small_series
 
 
+def care_team_settings(tmp_path: Path, db_url: str, dest: RecordingScp) -> Settings:
+    """A node whose one route (no purpose) sends everything to ``dest``."""
+    return with_routes(
+        make_settings(tmp_path / "data", db_url),
+        [RouteSettings("care-team", (), ("dest",), "")],
+        [PeerSettings("dest", dest.ae_title, "127.0.0.1", dest.port, frozenset({"echo"}))],
+    )
+
+
 def healthz(port: int) -> tuple[int, dict[str, str]]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as rsp:
@@ -69,11 +78,7 @@ def test_killed_forwarder_process_is_replaced_and_loses_nothing(
     series = make_small_series(tmp_path / "series", 8, patient_id="P-PROC", seed=5)
     sent = {f.sop_instance_uid for f in series}
     dest = GatedScp("PROCDEST", gates=1).start()
-    settings = with_routes(
-        make_settings(tmp_path / "data", db_url),
-        [RouteSettings("care-team", (), ("dest",), "")],
-        [PeerSettings("dest", dest.ae_title, "127.0.0.1", dest.port, frozenset({"echo"}))],
-    )
+    settings = care_team_settings(tmp_path, db_url, dest)
     assert settings.router.forwarders == "process"  # the default
     runtime = prepare_runtime(settings, FAST_RETRY)
     node = NodeProcess(runtime, forwarder_options=FAST_FORWARD)
@@ -132,12 +137,7 @@ def test_killed_forwarder_process_is_replaced_and_loses_nothing(
 
 def test_stopping_the_node_stops_its_forwarder_process(tmp_path: Path, db_url: str) -> None:
     dest = GatedScp("PROCDEST", gates=0).start()
-    settings = with_routes(
-        make_settings(tmp_path / "data", db_url),
-        [RouteSettings("care-team", (), ("dest",), "")],
-        [PeerSettings("dest", dest.ae_title, "127.0.0.1", dest.port, frozenset({"echo"}))],
-    )
-    runtime = prepare_runtime(settings, FAST_RETRY)
+    runtime = prepare_runtime(care_team_settings(tmp_path, db_url, dest), FAST_RETRY)
     node = NodeProcess(runtime, forwarder_options=FAST_FORWARD)
     try:
         node.start()
@@ -251,12 +251,7 @@ def test_a_forwarder_process_that_cannot_be_started_is_retried(
 
     monkeypatch.setattr(forward_process, "_RESTART_DELAYS", (0.1,) * 6)
     dest = RecordingScp("RETRYDEST").start()
-    settings = with_routes(
-        make_settings(tmp_path / "data", db_url),
-        [RouteSettings("care-team", (), ("dest",), "")],
-        [PeerSettings("dest", dest.ae_title, "127.0.0.1", dest.port, frozenset({"echo"}))],
-    )
-    runtime = prepare_runtime(settings, FAST_RETRY)
+    runtime = prepare_runtime(care_team_settings(tmp_path, db_url, dest), FAST_RETRY)
     node = NodeProcess(runtime, forwarder_options=FAST_FORWARD)
     real_popen = subprocess.Popen
     failures: list[int] = []

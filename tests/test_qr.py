@@ -844,9 +844,7 @@ def test_get_mixed_syntax_study_with_pynetdicom(loaded_node: RunningNode, truth:
         return 0x0000
 
     assoc = _get_association(loaded_node, in_study, on_store)
-    query = Dataset()
-    query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = study.uid
+    query = _study_query(study.uid)
     try:
         responses = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))
     finally:
@@ -862,6 +860,47 @@ def test_get_mixed_syntax_study_with_pynetdicom(loaded_node: RunningNode, truth:
         assert bytes(ds.PixelData) == _pixel_data(f.path), f.path.name
 
 
+def _study_query(study_uid: str) -> Dataset:
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study_uid
+    return query
+
+
+def _assert_cancelled_after_one(
+    responses: list[Any], on_store: _CancelOnFirstStore, total: int
+) -> None:
+    """The retrieve ended with Cancel after its first sub-operation, nothing sent since."""
+    final = responses[-1][0]
+    assert final.Status == 0xFE00
+    assert len(on_store.received) == 1, "nothing is sent after the cancel"
+    assert final.NumberOfCompletedSuboperations == 1
+    assert final.NumberOfRemainingSuboperations == total - 1
+
+
+class _CancelOnFirstStore:
+    """A C-STORE handler that records each instance and, while handling the first, has
+    ``requestor`` send C-CANCEL for the retrieve ``message_id`` of ``model``; it answers
+    that first C-STORE ``pause`` seconds later."""
+
+    def __init__(self, model: str, message_id: int, pause: float = 0.0) -> None:
+        self.model = model
+        self.message_id = message_id
+        self.pause = pause
+        self.requestor: Association | None = None
+        self.received: list[str] = []
+
+    def __call__(self, event: evt.Event) -> int:
+        self.received.append(str(event.request.AffectedSOPInstanceUID))
+        if len(self.received) == 1 and self.requestor is not None:
+            context = next(
+                cx for cx in self.requestor.accepted_contexts if cx.abstract_syntax == self.model
+            )
+            self.requestor.send_c_cancel(self.message_id, context.context_id)
+            time.sleep(self.pause)
+        return 0x0000
+
+
 def test_get_cancelled_by_the_requestor_stops_with_fe00(
     loaded_node: RunningNode, truth: Truth
 ) -> None:
@@ -875,37 +914,17 @@ def test_get_cancelled_by_the_requestor_stops_with_fe00(
     assert len(study.instances) >= 3
     in_study = [files[i] for i in study.instances]
     message_id = 7
-    received: list[str] = []
-    holder: dict[str, Association] = {}
-
-    def on_store(event: evt.Event) -> int:
-        received.append(str(event.request.AffectedSOPInstanceUID))
-        if len(received) == 1:
-            assoc = holder["assoc"]
-            get_context = next(
-                cx
-                for cx in assoc.accepted_contexts
-                if cx.abstract_syntax == StudyRootQueryRetrieveInformationModelGet
-            )
-            assoc.send_c_cancel(message_id, get_context.context_id)
-        return 0x0000
-
+    on_store = _CancelOnFirstStore(StudyRootQueryRetrieveInformationModelGet, message_id)
     assoc = _get_association(loaded_node, in_study, on_store)
-    holder["assoc"] = assoc
-    query = Dataset()
-    query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = study.uid
+    on_store.requestor = assoc
+    query = _study_query(study.uid)
     try:
         responses = list(
             assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet, msg_id=message_id)
         )
     finally:
         assoc.release()
-    final = responses[-1][0]
-    assert final.Status == 0xFE00
-    assert received == received[:1], "nothing is sent after the cancel"
-    assert final.NumberOfCompletedSuboperations == 1
-    assert final.NumberOfRemainingSuboperations == len(in_study) - 1
+    _assert_cancelled_after_one(responses, on_store, len(in_study))
 
 
 def test_move_cancelled_by_the_requestor_stops_with_fe00(
@@ -922,21 +941,8 @@ def test_move_cancelled_by_the_requestor_stops_with_fe00(
     pacs = loaded_node.settings.peer_by_name("pacs")
     assert pacs is not None
     message_id = 9
-    received: list[str] = []
-    holder: dict[str, Association] = {}
-
-    def on_store(event: evt.Event) -> int:
-        received.append(str(event.request.AffectedSOPInstanceUID))
-        if len(received) == 1:
-            requestor = holder["assoc"]
-            move_context = next(
-                cx
-                for cx in requestor.accepted_contexts
-                if cx.abstract_syntax == StudyRootQueryRetrieveInformationModelMove
-            )
-            requestor.send_c_cancel(message_id, move_context.context_id)
-            time.sleep(0.2)
-        return 0x0000
+    # the cancel travels on the other association: answer the C-STORE once it is read
+    on_store = _CancelOnFirstStore(StudyRootQueryRetrieveInformationModelMove, message_id, 0.2)
 
     destination = AE(ae_title=PACS_AE)
     for context in AllStoragePresentationContexts:
@@ -952,10 +958,8 @@ def test_move_cancelled_by_the_requestor_stops_with_fe00(
             loaded_node.host, loaded_node.port, ae_title=loaded_node.ae_title
         )
         assert assoc.is_established
-        holder["assoc"] = assoc
-        query = Dataset()
-        query.QueryRetrieveLevel = "STUDY"
-        query.StudyInstanceUID = study.uid
+        on_store.requestor = assoc
+        query = _study_query(study.uid)
         try:
             responses = list(
                 assoc.send_c_move(
@@ -966,8 +970,4 @@ def test_move_cancelled_by_the_requestor_stops_with_fe00(
             assoc.release()
     finally:
         server.shutdown()
-    final = responses[-1][0]
-    assert final.Status == 0xFE00
-    assert len(received) == 1, "nothing is sent after the cancel"
-    assert final.NumberOfCompletedSuboperations == 1
-    assert final.NumberOfRemainingSuboperations == len(study.instances) - 1
+    _assert_cancelled_after_one(responses, on_store, len(study.instances))
