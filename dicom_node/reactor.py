@@ -214,6 +214,8 @@ class GatewayDUL(DULServiceProvider):
         # not read the connection meanwhile (see reading())
         self._reader = threading.Lock()
         self._lent = False
+        # after sending, look at the connection before sending again (see _run)
+        self._read_next = False
 
     # -- waking ----------------------------------------------------------------------
 
@@ -295,8 +297,15 @@ class GatewayDUL(DULServiceProvider):
                 self.event_queue.put("Evt18")
 
             try:
-                if self._process_recv_primitive():  # encode and send (state machine)
-                    pass
+                # One event per iteration, as in pynetdicom, which gives sending priority:
+                # a stream of C-FIND responses queued faster than they are sent would
+                # then leave the requestor's C-CANCEL unread until the stream ends. Here
+                # an iteration that sent is followed by a look at the connection.
+                if self._read_next and self._incoming_pdu():
+                    self._read_next = False
+                    self._idle_timer.restart()
+                elif self._process_recv_primitive():  # encode and send (state machine)
+                    self._read_next = True
                 elif self._is_transport_event():  # receive and decode a PDU
                     self._idle_timer.restart()
             except Exception as exc:
@@ -315,10 +324,18 @@ class GatewayDUL(DULServiceProvider):
             try:
                 event = self.event_queue.get(block=False)
             except queue.Empty:
+                if not self.to_provider_queue.empty():
+                    continue  # a read handled on the fast path; primitives wait to be sent
                 self._wait()
                 continue
 
             self.state_machine.do_action(event)
+
+    def _incoming_pdu(self) -> bool:
+        """Read a PDU if one is arriving during data transfer (without waiting)."""
+        if self.state_machine.current_state != "Sta6" or self._lent:
+            return False
+        return self._is_transport_event()
 
     def _wait(self) -> None:
         """Block until the socket is readable, another thread woke us, or a timeout."""

@@ -32,7 +32,7 @@ from pynetdicom.sop_class import (
 )
 
 from tests.conftest import PACS_AE, RunningNode, run_tool, storescu
-from tests.corpus import CorpusFile
+from tests.corpus import CorpusFile, make_small_series
 
 PATIENT_ROOT = PatientRootQueryRetrieveInformationModelFind
 STUDY_ROOT = StudyRootQueryRetrieveInformationModelFind
@@ -899,6 +899,48 @@ class _CancelOnFirstStore:
             self.requestor.send_c_cancel(self.message_id, context.context_id)
             time.sleep(self.pause)
         return 0x0000
+
+
+def test_find_cancelled_by_the_requestor_stops_with_fe00(
+    running_node: RunningNode, tmp_path: Path
+) -> None:
+    """C-CANCEL during a C-FIND: the node stops matching and answers Cancel (0xFE00).
+
+    One series of 600 instances, queried at IMAGE level: the requestor sends C-CANCEL as
+    soon as it has the first pending response. The node answers each match in its own
+    response, a fraction of a millisecond each: it reads the cancel long before the
+    last match. (Before the DUL reactor looked at the connection between two responses
+    it sent, a handler queuing responses faster than they went out left the cancel
+    unread: all 600 matches and a success status, on PostgreSQL.)
+    """
+    files = make_small_series(tmp_path / "series", 600, patient_id="FINDCANCEL")
+    sent = storescu(running_node, files, tmp_path)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    model = StudyRootQueryRetrieveInformationModelFind
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID = files[0].study_uid
+    query.SeriesInstanceUID = files[0].series_uid
+    query.SOPInstanceUID = ""
+    message_id = 11
+    pending, final = 0, None
+    assoc = _qr_association(running_node, model)
+    try:
+        for status, _identifier in assoc.send_c_find(query, model, msg_id=message_id):
+            assert "Status" in status, "no C-FIND response"
+            if status.Status in (0xFF00, 0xFF01):
+                pending += 1
+                if pending == 1:
+                    context = next(
+                        cx for cx in assoc.accepted_contexts if cx.abstract_syntax == model
+                    )
+                    assoc.send_c_cancel(message_id, context.context_id)
+            else:
+                final = int(status.Status)
+    finally:
+        assoc.release()
+    assert final == 0xFE00, f"final status 0x{final or 0:04X} after {pending} matches"
+    assert 1 <= pending < len(files) // 2, f"{pending} matches sent after the cancel"
 
 
 def test_get_cancelled_by_the_requestor_stops_with_fe00(
