@@ -28,6 +28,7 @@ from dicom_node.contexts import QR_SOP_CLASSES, VERIFICATION, contexts_for_servi
 from dicom_node.errors import NodeError
 from dicom_node.metrics import NodeMetrics
 from dicom_node.qr.matching import IdentifierError, Root, build_query, response_identifier
+from dicom_node.reactor import await_send_room
 
 LOG = logging.getLogger(__name__)
 
@@ -236,6 +237,8 @@ class NodeHandlers:
         checks = _RequestAccess(self._access, peer.purpose)
         try:
             for row in self._find_rows(query.statement):
+                # the responses already queued cannot be recalled by a C-CANCEL
+                await_send_room(event.assoc)
                 if event.is_cancelled:
                     yield 0xFE00, None
                     return

@@ -159,6 +159,28 @@ def store_response_pdu(context_id: int, request: C_STORE, status: int) -> bytes:
     return struct.pack(">BBIIBB", 4, 0, len(command) + 6, len(command) + 2, context_id, 3) + command
 
 
+#: Responses a handler may have waiting to be sent on its association: what a C-CANCEL
+#: read meanwhile can no longer recall (see :func:`await_send_room`).
+SEND_BACKLOG = 8
+
+
+def await_send_room(assoc: Association, limit: int = SEND_BACKLOG) -> None:
+    """Wait while more than ``limit`` messages wait to be sent on ``assoc``.
+
+    pynetdicom queues every response a handler yields without bound, so a C-FIND handler
+    that matches faster than the connection sends would queue all its matches, and a
+    C-CANCEL read meanwhile would stop nothing already queued. Returns at once when the
+    association ends or its DUL thread has stopped.
+    """
+    dul = assoc.dul
+    waiting = dul.to_provider_queue
+    # ``queue`` and ``not_full`` (notified by every get) are the attributes of
+    # queue.Queue that pynetdicom itself reads; the lock is held, so no qsize()
+    with waiting.not_full:
+        while len(waiting.queue) > limit and assoc.is_established and dul.is_alive():
+            waiting.not_full.wait(ASSOC_MAX_WAIT)
+
+
 class _PendingStore:
     """A C-STORE request taken on the fast path, waiting for its data set fragments."""
 

@@ -901,6 +901,14 @@ class _CancelOnFirstStore:
         return 0x0000
 
 
+def _stored_series(running: RunningNode, tmp_path: Path, count: int) -> list[CorpusFile]:
+    """One series of ``count`` small instances, stored in the node by storescu."""
+    files = make_small_series(tmp_path / "series", count, patient_id="FINDCANCEL")
+    sent = storescu(running, files, tmp_path)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    return files
+
+
 def test_find_cancelled_by_the_requestor_stops_with_fe00(
     running_node: RunningNode, tmp_path: Path
 ) -> None:
@@ -909,13 +917,12 @@ def test_find_cancelled_by_the_requestor_stops_with_fe00(
     One series of 600 instances, queried at IMAGE level: the requestor sends C-CANCEL as
     soon as it has the first pending response. The node answers each match in its own
     response, a fraction of a millisecond each: it reads the cancel long before the
-    last match. (Before the DUL reactor looked at the connection between two responses
-    it sent, a handler queuing responses faster than they went out left the cancel
-    unread: all 600 matches and a success status, on PostgreSQL.)
+    last match, and it queues at most a few responses ahead of the connection. (Before
+    the DUL reactor looked at the connection between two responses it sent, the cancel
+    stayed unread: all 600 matches and a success status, on PostgreSQL. Before the
+    handler waited for room in the send queue, up to 446 matches went out after it.)
     """
-    files = make_small_series(tmp_path / "series", 600, patient_id="FINDCANCEL")
-    sent = storescu(running_node, files, tmp_path)
-    assert sent.returncode == 0, sent.stdout + sent.stderr
+    files = _stored_series(running_node, tmp_path, 600)
     model = StudyRootQueryRetrieveInformationModelFind
     query = Dataset()
     query.QueryRetrieveLevel = "IMAGE"
@@ -940,7 +947,45 @@ def test_find_cancelled_by_the_requestor_stops_with_fe00(
     finally:
         assoc.release()
     assert final == 0xFE00, f"final status 0x{final or 0:04X} after {pending} matches"
-    assert 1 <= pending < len(files) // 2, f"{pending} matches sent after the cancel"
+    assert 1 <= pending < len(files) // 10, f"{pending} matches sent after the cancel"
+
+
+def test_findscu_cancel_stops_the_matches(running_node: RunningNode, tmp_path: Path) -> None:
+    """DCMTK findscu ``--cancel 1`` on a series of 600 instances: the node answers Cancel
+    (0xFE00) after a few more matches, not the whole series."""
+    files = _stored_series(running_node, tmp_path, 600)
+    out = tmp_path / "responses"
+    out.mkdir()
+    result = run_tool(
+        "findscu",
+        "-v",
+        "-S",
+        "-X",
+        "-od",
+        out,
+        "--cancel",
+        "1",
+        "-aet",
+        PACS_AE,
+        "-aec",
+        running_node.ae_title,
+        "-k",
+        "QueryRetrieveLevel=IMAGE",
+        "-k",
+        f"StudyInstanceUID={files[0].study_uid}",
+        "-k",
+        f"SeriesInstanceUID={files[0].series_uid}",
+        "-k",
+        "SOPInstanceUID",
+        running_node.host,
+        running_node.port,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-2000:]
+    assert "Sending Cancel Request" in output, output[-2000:]
+    assert "Received Final Find Response (Cancel" in output, output[-2000:]
+    matches = list(out.glob("rsp*.dcm"))
+    assert 1 <= len(matches) < len(files) // 10, f"{len(matches)} matches sent after the cancel"
 
 
 def test_get_cancelled_by_the_requestor_stops_with_fe00(
