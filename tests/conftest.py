@@ -24,8 +24,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from click.testing import CliRunner
 
 from cli.database import upgrade
+from cli.main import cli
 from cli.runtime import Ingest, Runtime, build_node, build_runtime
 from config.settings import NodeSettings, PeerSettings, RouteSettings, Settings
 from consent.service import ConsentStore
@@ -807,6 +809,33 @@ def toml_routes(routes: list[dict[str, Any]]) -> str:
                 else:
                     lines.append(f"{keyword} = {json.dumps(value)}")
     return "\n".join(lines) + "\n"
+
+
+def serve_setup(
+    tmp_path: Path,
+    db_url: str,
+    *,
+    routes: list[dict[str, Any]] | None = None,
+    **node: object,
+) -> tuple[Path, int, int]:
+    """A configuration for ``consentgate serve`` on free loopback ports (``node``: peers
+    and node keys, as :func:`write_config`; ``routes``: as :func:`toml_routes`), and an
+    initialised database; returns (config, DICOM port, HTTP port)."""
+    dicom_port, http_port = free_port(), free_port()
+    config = write_config(
+        tmp_path / "serve.toml",
+        tmp_path / "data",
+        db_url,
+        dicom_port=dicom_port,
+        http_port=http_port,
+        **node,
+    )
+    if routes:
+        with config.open("a", encoding="utf-8") as fh:
+            fh.write(toml_routes(routes))
+    init = CliRunner().invoke(cli, ["--config", str(config), "init"])
+    assert init.exit_code == 0, init.output
+    return config, dicom_port, http_port
 
 
 #: Run by TunedServeProcess: ``consentgate serve`` with the retry policy and forwarder

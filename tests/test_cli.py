@@ -31,6 +31,7 @@ from tests.conftest import (
     ServeProcess,
     free_port,
     indexed_instances,
+    serve_setup,
     storescu_acknowledged,
     storescu_args,
     write_config,
@@ -297,21 +298,6 @@ def test_serve_refuses_busy_dicom_port(tmp_path: Path, db_url: str) -> None:
 
 
 # -- serve as a subprocess ----------------------------------------------------------------
-
-
-def serve_setup(tmp_path: Path, db_url: str, **node: object) -> tuple[Path, int, int]:
-    dicom_port, http_port = free_port(), free_port()
-    config = write_config(
-        tmp_path / "serve.toml",
-        tmp_path / "data",
-        db_url,
-        dicom_port=dicom_port,
-        http_port=http_port,
-        **node,
-    )
-    init = invoke(config, "init")
-    assert init.exit_code == 0, init.output
-    return config, dicom_port, http_port
 
 
 @SQLITE_ONLY

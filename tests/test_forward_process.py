@@ -25,10 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 
 from cli.forward_process import ForwarderProcess
-from cli.main import cli
 from cli.node_process import NodeProcess
 from cli.ops_http import OpsServer
 from config.settings import PeerSettings, RouteSettings, Settings
@@ -40,17 +38,15 @@ from tests.conftest import (
     GatedScp,
     RecordingScp,
     ServeProcess,
-    free_port,
     job_states,
     make_settings,
     modality_peer,
     prepare_runtime,
     process_gone,
     send_storescu,
-    toml_routes,
+    serve_setup,
     wait_until,
     with_routes,
-    write_config,
 )
 from tests.corpus import make_small_series
 
@@ -195,13 +191,10 @@ def test_serve_stops_its_forwarder_process_on_sigterm_which_the_child_ignores(
     tmp_path: Path, db_url: str
 ) -> None:
     dest = RecordingScp("SERVEDEST").start()
-    dicom_port, http_port = free_port(), free_port()
-    config = write_config(
-        tmp_path / "cg.toml",
-        tmp_path / "data",
+    config, dicom_port, http_port = serve_setup(
+        tmp_path,
         db_url,
-        dicom_port=dicom_port,
-        http_port=http_port,
+        routes=[{"name": "care-team", "destinations": ["dest"]}],
         peers=[
             modality_peer(),
             {
@@ -213,9 +206,6 @@ def test_serve_stops_its_forwarder_process_on_sigterm_which_the_child_ignores(
             },
         ],
     )
-    with config.open("a", encoding="utf-8") as fh:
-        fh.write(toml_routes([{"name": "care-team", "destinations": ["dest"]}]))
-    assert CliRunner().invoke(cli, ["--config", str(config), "init"]).exit_code == 0
     serve = ServeProcess(config, http_port, tmp_path / "serve.log")
     series = make_small_series(tmp_path / "series", 3, patient_id="P-SERVE", seed=9)
     try:
