@@ -354,10 +354,9 @@ class GatewayDUL(DULServiceProvider):
             self.state_machine.do_action(event)
 
     def _incoming_pdu(self) -> bool:
-        """Read a PDU if one is arriving during data transfer (without waiting)."""
-        if self.state_machine.current_state != "Sta6" or self._lent:
-            return False
-        return self._is_transport_event()
+        """Read a PDU if one is arriving during data transfer (without waiting; never
+        while the connection is lent: see :meth:`_is_transport_event`)."""
+        return self.state_machine.current_state == "Sta6" and self._is_transport_event()
 
     def _wait(self) -> None:
         """Block until the socket is readable, another thread woke us, or a timeout."""
