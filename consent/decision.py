@@ -129,12 +129,16 @@ def state_query(many: bool) -> Select[Any]:
 
 
 class StateReader:
-    """Runs the decision lookup on a pooled DBAPI connection, one statement per call.
+    """Runs the decision lookup on a DBAPI connection, one statement per call.
 
-    Thread-safe: each call checks a connection out of a pool and returns it. On PostgreSQL
-    the reader has its own small pool of autocommit connections without pre-ping or reset
-    on return, so a decision is one round trip; a connection that went stale is discarded
-    and the lookup tried once more.
+    Thread-safe: each call takes a connection and gives it back. On PostgreSQL the reader
+    has its own small pool of autocommit connections without pre-ping or reset on return,
+    so a decision is one round trip; a connection that went stale is discarded and the
+    lookup tried once more. On a SQLite file, the reader keeps its own stack of idle
+    connections, detached from the engine's pool (made by it, so with its settings) and
+    in autocommit mode: a decision is then the statement alone, without the pool's
+    check-out, reset and check-in, which cost as much as the statement (the forwarder
+    decides before every send).
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -149,6 +153,11 @@ class StateReader:
             )
         self._own_engine = engine.dialect.name == "postgresql"
         self._engine = engine
+        database = engine.url.database
+        self._detached = engine.dialect.name == "sqlite" and database not in (None, "", ":memory:")
+        # (pool fairy kept referenced so that it does not close the connection, DBAPI
+        # connection); list.pop and list.append are atomic
+        self._idle: list[tuple[Any, Any]] = []
         compiled = state_query(False).compile(dialect=engine.dialect)
         self._sql = compiled.string
         self._positional: tuple[str, ...] | None = (
@@ -161,9 +170,12 @@ class StateReader:
         return tuple(values[name] for name in self._positional)
 
     def close(self) -> None:
-        """Release the reader's own connections (PostgreSQL)."""
+        """Release the reader's own connections."""
         if self._own_engine:
             self._engine.dispose()
+        while self._idle:
+            fairy, _ = self._idle.pop()
+            fairy.close()
 
     def lookup(self, patient_pk: int, purpose_pk: int) -> tuple[bool, str | None]:
         """Return ``(patient exists, stored decision or None)``."""
@@ -173,6 +185,8 @@ class StateReader:
             return self._lookup(patient_pk, purpose_pk)  # the stale connection is gone
 
     def _lookup(self, patient_pk: int, purpose_pk: int) -> tuple[bool, str | None]:
+        if self._detached:
+            return self._lookup_detached(patient_pk, purpose_pk)
         connection = self._engine.raw_connection()
         try:
             cursor = connection.cursor()
@@ -188,6 +202,32 @@ class StateReader:
             raise
         finally:
             connection.close()
+        if row is None:
+            return False, None
+        return True, row[1]
+
+    def _lookup_detached(self, patient_pk: int, purpose_pk: int) -> tuple[bool, str | None]:
+        connection: Any
+        try:
+            fairy, connection = self._idle.pop()
+        except IndexError:
+            fairy = self._engine.raw_connection()
+            fairy.detach()  # ours now: closed by us, not returned to the pool
+            connection = fairy.dbapi_connection
+            connection.isolation_level = None  # autocommit: no transaction left open
+        try:
+            cursor = connection.cursor()
+            try:
+                cursor.execute(
+                    self._sql, self._params({"patient": patient_pk, "purpose": purpose_pk})
+                )
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+        except BaseException:
+            fairy.close()  # never used again
+            raise
+        self._idle.append((fairy, connection))
         if row is None:
             return False, None
         return True, row[1]

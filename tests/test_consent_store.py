@@ -284,6 +284,20 @@ def test_purpose_added_by_another_process_is_seen(db_url: str) -> None:
         assert first.decide(pk, PURPOSE).outcome is Outcome.PERMIT
 
 
+def test_a_change_made_by_another_process_is_decided_at_once(db_url: str) -> None:
+    """The decision reader keeps its connections between calls (on SQLite, outside the
+    pool): none may answer from an older snapshot."""
+    with migrated_store(db_url) as (first, _engine):
+        pk = _setup(first)
+        assert first.decide(pk, PURPOSE).outcome is Outcome.UNDECIDED
+        second = ConsentStore(make_sessions(make_engine(db_url, pool_size=2)), StepClock())
+        outcomes = []
+        for change in (second.grant, second.refuse, second.grant, second.withdraw):
+            change(**KEY, purpose=PURPOSE, channel="desk", actor="desk2")
+            outcomes.append(first.decide(pk, PURPOSE).outcome)
+        assert outcomes == [Outcome.PERMIT, Outcome.DENY, Outcome.PERMIT, Outcome.DENY]
+
+
 # ---------------------------------------------------------------------- patients
 
 
