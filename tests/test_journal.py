@@ -298,6 +298,40 @@ def test_a_damaged_record_is_skipped_and_later_records_still_replayed(
         runtime.close()
 
 
+@pytest.mark.parametrize("crc32c", [False, True], ids=["crc32-zlib", "crc32c"])
+def test_records_of_either_checksum_are_read_back_and_checked(tmp_path: Path, crc32c: bool) -> None:
+    """Records written with zlib's CRC-32 (earlier versions) and with CRC-32C are both
+    read back by a scan, and a damaged one of either kind is skipped."""
+    directory = tmp_path / "journal"
+    writer = IngestJournal(directory, 1024 * 1024, crc32c=crc32c)
+    writer.lock()
+    writer.start()
+    try:
+        payloads = [os.urandom(size) for size in (10, 5000, 70_000, 300_000)]
+        for i, payload in enumerate(payloads):
+            writer.append(f"1.2.826.0.1.{i}", f"ab/{i:064x}.dcm", [b"DICM", bytearray(payload)])
+        ((seq, segment),) = writer.live_segments()
+        reader = IngestJournal(directory, 1024 * 1024)  # what a replay after a crash reads
+        records = list(reader.scan(seq, segment))
+        assert [r.sop_instance_uid for r in records] == [
+            f"1.2.826.0.1.{i}" for i in range(len(payloads))
+        ]
+        with segment.open("r+b") as fh:
+            fh.seek(records[0].offset)
+            assert fh.read(4) == (b"CGJC" if crc32c else b"CGJR")
+            for record, payload in zip(records, payloads, strict=True):
+                fh.seek(record.payload_offset)
+                assert fh.read(record.payload_length) == b"DICM" + payload
+            fh.seek(records[2].payload_offset + 40_000)
+            byte = fh.read(1)
+            fh.seek(records[2].payload_offset + 40_000)
+            fh.write(bytes([byte[0] ^ 0x01]))
+        rescanned = list(reader.scan(seq, segment))
+        assert [r.sop_instance_uid for r in rescanned] == [f"1.2.826.0.1.{i}" for i in (0, 1, 3)]
+    finally:
+        writer.close()
+
+
 def test_a_direct_write_after_a_journal_record_is_not_overwritten_by_replay(
     tmp_path: Path, db_url: str
 ) -> None:

@@ -27,12 +27,15 @@ replay does not index it.
 
 Segment layout: a 4 KiB header (magic, sequence number, size, CRC), then records, each
 starting on a 4 KiB boundary: a 34-byte header (magic, segment sequence, flags, lengths,
-CRC-32 of UID, path and payload, CRC-32 of the header), the SOP Instance UID, the
-archive-relative path
-and the file bytes. Records are written one at a time under a lock, so a torn record can
-only be the last one of a segment. A record whose CRC does not match is skipped (it was
-never acknowledged, or the disk damaged it); a header that is not a record of this
-segment (zeros, or a leftover of the file's previous use) ends the scan.
+checksum of UID, path and payload, checksum of the header), the SOP Instance UID, the
+archive-relative path and the file bytes. The record magic names the checksum: ``CGJC``
+CRC-32C (Castagnoli, with the ``crc32c`` package's hardware-accelerated implementation:
+19 us for a 0.5 MB CT image here, where zlib's CRC-32 took 172 us on the receiving
+thread), or ``CGJR`` zlib's CRC-32 (records of earlier versions). A scan reads both.
+Records are written one at a time under a lock, so a torn record can only be the last
+one of a segment. A record whose checksum does not match
+is skipped (it was never acknowledged, or the disk damaged it); a header that is not a
+record of this segment (zeros, or a leftover of the file's previous use) ends the scan.
 
 Files: ``seg-<seq>.jnl`` (live), ``free-<n>.jnl`` (ready for reuse), ``lock`` (held by
 the serving process: one writer per data directory).
@@ -52,13 +55,16 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import crc32c as crc32c_lib
+
 from dicom_node.archive.files import fsync_directory
 
 LOG = logging.getLogger(__name__)
 
 PAGE = 4096
 SEGMENT_MAGIC = b"CGJS"
-RECORD_MAGIC = b"CGJR"
+RECORD_MAGIC = b"CGJR"  # checksums: zlib CRC-32
+RECORD_MAGIC_C = b"CGJC"  # checksums: CRC-32C
 FLAG_DIRECT = 0x01
 FLAG_CANCEL = 0x02
 
@@ -75,6 +81,7 @@ _KEEP_FREE = 2
 
 Chunk = bytes | bytearray | memoryview
 SyncFs = Callable[[int], int]
+Checksum = Callable[[Chunk, int], int]
 
 
 class JournalError(OSError):
@@ -136,7 +143,7 @@ class _Segment:
 class IngestJournal:
     """Append-only, segment-recycling journal of received instance files."""
 
-    def __init__(self, directory: Path, segment_size: int) -> None:
+    def __init__(self, directory: Path, segment_size: int, *, crc32c: bool = True) -> None:
         if segment_size < 16 * PAGE or segment_size % PAGE:
             raise ValueError("segment size must be a multiple of 4 KiB and at least 64 KiB")
         self.directory = directory
@@ -152,6 +159,10 @@ class IngestJournal:
         self._barrier: Callable[[], None] | None = None
         self._appended_since_checkpoint = 0
         self._open = False
+        # new records are checksummed with CRC-32C (``crc32c=False``: zlib's CRC-32, as
+        # earlier versions wrote them)
+        self._magic = RECORD_MAGIC_C if crc32c else RECORD_MAGIC
+        self._checksum: Checksum = _CHECKSUMS[self._magic]
 
     # ------------------------------------------------------------------ opening
 
@@ -211,9 +222,10 @@ class IngestJournal:
                     return
                 fields = _RECORD_HEADER.unpack(raw)
                 magic, rseq, flags, _, uid_len, path_len, length, crc, header_crc = fields
-                if magic != RECORD_MAGIC or rseq != segment_seq:
+                checksum = _CHECKSUMS.get(magic)
+                if checksum is None or rseq != segment_seq:
                     return
-                if zlib.crc32(raw[: _RECORD_FIELDS.size]) != header_crc:
+                if checksum(raw[: _RECORD_FIELDS.size], 0) != header_crc:
                     return  # a torn header: the last record written, never acknowledged
                 if uid_len > _MAX_UID or path_len > _MAX_PATH:
                     return
@@ -222,13 +234,13 @@ class IngestJournal:
                 record_end = payload_offset + length
                 if len(names) < uid_len + path_len or record_end > size:
                     return
-                check = zlib.crc32(names)
+                check = checksum(names, 0)
                 remaining = length
                 while remaining:
                     block = fh.read(min(remaining, 1024 * 1024))
                     if not block:
                         return
-                    check = zlib.crc32(block, check)
+                    check = checksum(block, check)
                     remaining -= len(block)
                 next_offset = _round_up(record_end)
                 if check != crc:
@@ -333,9 +345,10 @@ class IngestJournal:
         length = sum(len(v) for v in views)
         if length > self.max_payload:
             raise ValueError("record larger than a journal segment")
-        body_crc = zlib.crc32(rel, zlib.crc32(uid))
+        checksum = self._checksum
+        body_crc = checksum(rel, checksum(uid, 0))
         for view in views:  # outside the lock: other associations append meanwhile
-            body_crc = zlib.crc32(view, body_crc)
+            body_crc = checksum(view, body_crc)
         record_len = _RECORD_HEADER.size + len(uid) + len(rel) + length
         padded = _round_up(record_len)
         with self._lock:
@@ -344,9 +357,9 @@ class IngestJournal:
                 segment = self._rotate()
             offset = segment.end
             fields = _RECORD_FIELDS.pack(
-                RECORD_MAGIC, segment.seq, flags, 0, len(uid), len(rel), length, body_crc
+                self._magic, segment.seq, flags, 0, len(uid), len(rel), length, body_crc
             )
-            header_crc = struct.pack("<I", zlib.crc32(fields))
+            header_crc = struct.pack("<I", checksum(fields, 0))
             parts: list[Chunk] = [fields, header_crc, uid, rel, *views]
             if padded > record_len:
                 parts.append(_ZEROS[: padded - record_len])
@@ -519,6 +532,13 @@ def sync_filesystem(path: Path, syncfs: SyncFs | None = None) -> None:
     finally:
         os.close(fd)
 
+
+def _crc32c(data: Chunk, value: int) -> int:
+    """CRC-32C of ``data`` continuing ``value``."""
+    return int(crc32c_lib.crc32c(data, value))
+
+
+_CHECKSUMS: dict[bytes, Checksum] = {RECORD_MAGIC: zlib.crc32, RECORD_MAGIC_C: _crc32c}
 
 _SYNC_FILE_RANGE_WRITE = 2
 # records from this size on start their write-back at once (for a small one the extra
