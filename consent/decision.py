@@ -10,6 +10,7 @@ but the compiled SQL text: every call reads the current committed state.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -131,18 +132,19 @@ def state_query(many: bool) -> Select[Any]:
 class StateReader:
     """Runs the decision lookup on a DBAPI connection, one statement per call.
 
-    Thread-safe: each call takes a connection and gives it back. On PostgreSQL the reader
-    has its own small pool of autocommit connections without pre-ping or reset on return,
-    so a decision is one round trip; a connection that went stale is discarded and the
-    lookup tried once more. On a SQLite file, the reader keeps its own stack of idle
-    connections, detached from the engine's pool (made by it, so with its settings) and
-    in autocommit mode: a decision is then the statement alone, without the pool's
-    check-out, reset and check-in, which cost as much as the statement (the forwarder
-    decides before every send).
+    Thread-safe: each call takes an idle connection of the reader's own stack (or makes
+    one) and puts it back. The connections are detached from an engine's pool (made by
+    it, so with its settings) and in autocommit mode: a decision is the statement alone,
+    one round trip on PostgreSQL, without the pool's check-out, reset and check-in, which
+    cost about as much as the statement on SQLite (the forwarder decides before every
+    send). A connection that fails is closed; after a database error every idle
+    connection is dropped (a restarted server left them all stale) and the lookup tried
+    once more. An in-memory SQLite database (one connection per pool) uses the pool.
     """
 
     def __init__(self, engine: Engine) -> None:
         if engine.dialect.name == "postgresql":
+            # for decide_many: autocommit, no pre-ping or reset on return
             engine = create_engine(
                 engine.url,
                 isolation_level="AUTOCOMMIT",
@@ -153,8 +155,10 @@ class StateReader:
             )
         self._own_engine = engine.dialect.name == "postgresql"
         self._engine = engine
-        database = engine.url.database
-        self._detached = engine.dialect.name == "sqlite" and database not in (None, "", ":memory:")
+        self._dialect = engine.dialect.name
+        self._detached = not (
+            self._dialect == "sqlite" and engine.url.database in (None, "", ":memory:")
+        )
         # (pool fairy kept referenced so that it does not close the connection, DBAPI
         # connection); list.pop and list.append are atomic
         self._idle: list[tuple[Any, Any]] = []
@@ -171,18 +175,26 @@ class StateReader:
 
     def close(self) -> None:
         """Release the reader's own connections."""
+        self._drop_idle()
         if self._own_engine:
             self._engine.dispose()
+
+    def _drop_idle(self) -> None:
         while self._idle:
-            fairy, _ = self._idle.pop()
-            fairy.close()
+            try:
+                fairy, _ = self._idle.pop()
+            except IndexError:  # taken by another thread meanwhile
+                return
+            with contextlib.suppress(Exception):
+                fairy.close()
 
     def lookup(self, patient_pk: int, purpose_pk: int) -> tuple[bool, str | None]:
         """Return ``(patient exists, stored decision or None)``."""
         try:
             return self._lookup(patient_pk, purpose_pk)
         except self._engine.dialect.loaded_dbapi.OperationalError:
-            return self._lookup(patient_pk, purpose_pk)  # the stale connection is gone
+            self._drop_idle()  # a restarted server left every idle connection stale
+            return self._lookup(patient_pk, purpose_pk)
 
     def _lookup(self, patient_pk: int, purpose_pk: int) -> tuple[bool, str | None]:
         if self._detached:
@@ -214,7 +226,11 @@ class StateReader:
             fairy = self._engine.raw_connection()
             fairy.detach()  # ours now: closed by us, not returned to the pool
             connection = fairy.dbapi_connection
-            connection.isolation_level = None  # autocommit: no transaction left open
+            # autocommit: no transaction (and no snapshot) left open between calls
+            if self._dialect == "sqlite":
+                connection.isolation_level = None
+            else:
+                connection.autocommit = True
         try:
             cursor = connection.cursor()
             try:

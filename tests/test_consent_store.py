@@ -298,6 +298,26 @@ def test_a_change_made_by_another_process_is_decided_at_once(db_url: str) -> Non
         assert outcomes == [Outcome.PERMIT, Outcome.DENY, Outcome.PERMIT, Outcome.DENY]
 
 
+@pytest.mark.postgres
+def test_a_connection_closed_by_the_server_costs_a_retry_not_a_refusal(pg_url: str) -> None:
+    """The decision reader keeps idle connections between calls; the server may close
+    them (restart, idle timeout). The next decision still reads the store."""
+    with migrated_store(pg_url) as (store, engine):
+        pk = _setup(store)
+        store.grant(**KEY, purpose=PURPOSE, channel="desk", actor="desk1")
+        assert store.decide(pk, PURPOSE).outcome is Outcome.PERMIT
+        with engine.connect() as connection:
+            killed = connection.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar_one()
+        assert killed >= 1
+        decision = store.decide(pk, PURPOSE)
+        assert decision.outcome is Outcome.PERMIT, decision.reason
+
+
 # ---------------------------------------------------------------------- patients
 
 
