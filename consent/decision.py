@@ -201,14 +201,7 @@ class StateReader:
             return self._lookup_detached(patient_pk, purpose_pk)
         connection = self._engine.raw_connection()
         try:
-            cursor = connection.cursor()
-            try:
-                cursor.execute(
-                    self._sql, self._params({"patient": patient_pk, "purpose": purpose_pk})
-                )
-                row = cursor.fetchone()
-            finally:
-                cursor.close()
+            row = self._execute(connection, patient_pk, purpose_pk)
         except self._engine.dialect.loaded_dbapi.OperationalError:
             connection.invalidate()  # never handed out again
             raise
@@ -217,6 +210,15 @@ class StateReader:
         if row is None:
             return False, None
         return True, row[1]
+
+    def _execute(self, connection: Any, patient_pk: int, purpose_pk: int) -> Any:
+        """The lookup statement's row (or ``None``) on a DBAPI ``connection``."""
+        cursor = connection.cursor()
+        try:
+            cursor.execute(self._sql, self._params({"patient": patient_pk, "purpose": purpose_pk}))
+            return cursor.fetchone()
+        finally:
+            cursor.close()
 
     def _lookup_detached(self, patient_pk: int, purpose_pk: int) -> tuple[bool, str | None]:
         connection: Any
@@ -232,14 +234,7 @@ class StateReader:
             else:
                 connection.autocommit = True
         try:
-            cursor = connection.cursor()
-            try:
-                cursor.execute(
-                    self._sql, self._params({"patient": patient_pk, "purpose": purpose_pk})
-                )
-                row = cursor.fetchone()
-            finally:
-                cursor.close()
+            row = self._execute(connection, patient_pk, purpose_pk)
         except BaseException:
             fairy.close()  # never used again
             raise
