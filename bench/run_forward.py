@@ -740,7 +740,10 @@ def target_checks(rows: Sequence[Row], results: Sequence[RunResult]) -> list[str
                     f"target {corpus}: {system} >= {need:.0f}x Orthanc: "
                     f"{row.ratio_to_orthanc:.2f}x -> {verdict}"
                 )
-        lines.extend(_consent_cost_lines(corpus, results))
+        plain = by_key.get(("consentgate", corpus))
+        consent = by_key.get(("consentgate-consent", corpus))
+        if plain is not None and consent is not None:
+            lines.extend(_consent_cost_lines(corpus, results, plain, consent))
     return lines
 
 
@@ -765,36 +768,24 @@ def paired_costs(corpus: str, results: Sequence[RunResult]) -> tuple[list[float]
     return wall, cpu
 
 
-def _consent_cost_lines(corpus: str, results: Sequence[RunResult]) -> list[str]:
+def _consent_cost_lines(
+    corpus: str, results: Sequence[RunResult], plain: Row, consent: Row
+) -> list[str]:
     """The consent-cost target: median over repeats of the paired cost, for the wall time
     and the router CPU time; the ratio of the two variants' medians is printed beside it
     for reference (it mixes runs from different moments of the machine)."""
     lines = []
     wall, cpu = paired_costs(corpus, results)
-    for what, costs, field_name in (
-        ("time", wall, "seconds"),
-        ("router CPU seconds", cpu, "router_cpu_seconds"),
+    for what, costs, base, other in (
+        ("time", wall, plain.median_seconds, consent.median_seconds),
+        ("router CPU seconds", cpu, plain.median_cpu_seconds, consent.median_cpu_seconds),
     ):
         if not costs:
             continue
         cost = median(costs)
         verdict = "met" if cost < TARGET_CONSENT_OVERHEAD else "NOT met"
         per_repeat = ", ".join(f"{c:+.1%}" for c in costs)
-        medians = []
-        for system in ("consentgate", "consentgate-consent"):
-            values = [
-                v
-                for r in results
-                if r.corpus == corpus and r.system == system and r.ok
-                for v in [getattr(r, field_name)]
-                if v
-            ]
-            medians.append(median(values) if values else None)
-        reference = (
-            f"; ratio of the medians {medians[1] / medians[0] - 1.0:+.1%}"
-            if medians[0] and medians[1]
-            else ""
-        )
+        reference = f"; ratio of the medians {other / base - 1.0:+.1%}" if base and other else ""
         lines.append(
             f"target {corpus}: consent checks cost < {TARGET_CONSENT_OVERHEAD:.0%} "
             f"({what}, consentgate-consent / consentgate - 1, median of the repeats "

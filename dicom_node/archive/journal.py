@@ -33,9 +33,9 @@ CRC-32C (Castagnoli, with the ``crc32c`` package's hardware-accelerated implemen
 19 us for a 0.5 MB CT image here, where zlib's CRC-32 took 172 us on the receiving
 thread), or ``CGJR`` zlib's CRC-32 (records of earlier versions). A scan reads both.
 Records are written one at a time under a lock, so a torn record can only be the last
-one of a segment. A record whose checksum does not match
-is skipped (it was never acknowledged, or the disk damaged it); a header that is not a
-record of this segment (zeros, or a leftover of the file's previous use) ends the scan.
+one of a segment. A record whose checksum does not match is skipped (it was never
+acknowledged, or the disk damaged it); a header that is not a record of this segment
+(zeros, or a leftover of the file's previous use) ends the scan.
 
 Files: ``seg-<seq>.jnl`` (live), ``free-<n>.jnl`` (ready for reuse), ``lock`` (held by
 the serving process: one writer per data directory).
