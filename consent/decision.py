@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import Engine, bindparam, create_engine, select
+from sqlalchemy import Engine, Integer, any_, bindparam, create_engine, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql import Select
 
 from consent.models import ConsentState, Patient
@@ -113,17 +114,20 @@ def decision_from_state(decision: str | None, model: str) -> Decision:
     return NON_OPPOSITION if model == "opt-out" else NO_DECISION
 
 
-def state_query(many: bool) -> Select[Any]:
-    """``patient id, decision`` of one patient (or an expanding list) for one purpose.
+def state_query(many: bool, array: bool = False) -> Select[Any]:
+    """``patient id, decision`` of one patient (or a list) for one purpose.
 
     The outer join tells an unknown patient (no row) from a known one without a decision
-    (a row with a NULL decision).
+    (a row with a NULL decision). A list is an expanding ``IN`` (rendered per call), or with
+    ``array`` (PostgreSQL) one array parameter (``= ANY``): one statement for any length.
     """
     joined = Patient.__table__.outerjoin(
         ConsentState.__table__,
         (ConsentState.patient_pk == Patient.id) & (ConsentState.purpose_pk == bindparam("purpose")),
     )
     stmt = select(Patient.id, ConsentState.decision).select_from(joined)
+    if many and array:
+        return stmt.where(Patient.id == any_(bindparam("patients", type_=ARRAY(Integer))))
     if many:
         return stmt.where(Patient.id.in_(bindparam("patients", expanding=True)))
     return stmt.where(Patient.id == bindparam("patient"))
@@ -167,6 +171,10 @@ class StateReader:
         self._positional: tuple[str, ...] | None = (
             tuple(compiled.positiontup) if compiled.positiontup is not None else None
         )
+        # PostgreSQL: one pre-compiled statement with an array parameter for any list
+        self._many_sql: str | None = None
+        if self._dialect == "postgresql":
+            self._many_sql = state_query(True, array=True).compile(dialect=engine.dialect).string
 
     def _params(self, values: dict[str, Any]) -> Any:
         if self._positional is None:
@@ -246,23 +254,13 @@ class StateReader:
     def lookup_many(self, patient_pks: Sequence[int], purpose_pk: int) -> dict[int, str | None]:
         """Return ``{patient_pk: stored decision or None}`` for the patients that exist."""
         found: dict[int, str | None] = {}
-        base = state_query(True)
         connection = self._engine.raw_connection()
         try:
             cursor = connection.cursor()
             try:
                 for start in range(0, len(patient_pks), 500):
                     chunk = [int(pk) for pk in patient_pks[start : start + 500]]
-                    compiled = base.params(patients=chunk, purpose=purpose_pk).compile(
-                        dialect=self._engine.dialect, compile_kwargs={"render_postcompile": True}
-                    )
-                    params = compiled.params
-                    if compiled.positiontup is not None:
-                        cursor.execute(
-                            compiled.string, tuple(params[n] for n in compiled.positiontup)
-                        )
-                    else:
-                        cursor.execute(compiled.string, params)
+                    cursor.execute(*self._many_statement(chunk, purpose_pk))
                     for pk, decision in cursor.fetchall():
                         found[int(pk)] = decision
             finally:
@@ -270,3 +268,17 @@ class StateReader:
         finally:
             connection.close()
         return found
+
+    def _many_statement(self, chunk: list[int], purpose_pk: int) -> tuple[str, Any]:
+        """SQL text and DBAPI parameters of the lookup of the patients ``chunk``."""
+        if self._many_sql is not None:
+            return self._many_sql, {"patients": chunk, "purpose": purpose_pk}
+        compiled = (
+            state_query(True)
+            .params(patients=chunk, purpose=purpose_pk)
+            .compile(dialect=self._engine.dialect, compile_kwargs={"render_postcompile": True})
+        )
+        params = compiled.params
+        if compiled.positiontup is not None:
+            return compiled.string, tuple(params[name] for name in compiled.positiontup)
+        return compiled.string, params

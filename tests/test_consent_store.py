@@ -261,6 +261,35 @@ def test_decide_many(store: ConsentStore) -> None:
     }
 
 
+def test_decide_many_across_batches(store: ConsentStore) -> None:
+    """More patients than one lookup takes (500): every batch is read, none mixed up."""
+    _setup(store)
+    rows = "".join(f"CHR-METZ,B{n:04d},NOM,PRENOM,1970-01-01,F\n" for n in range(1203))
+    report = store.import_patients_csv(
+        "issuer,patient_id,birth_name,first_name,birth_date,sex\n" + rows, actor="ops"
+    )
+    assert report.ok
+    pks = list(report.patient_pks)
+    granted = {pks[3], pks[499], pks[500], pks[1202]}
+    refused = {pks[7], pks[1000]}
+    for n, pk in enumerate(pks):
+        if pk in granted | refused:
+            action = store.grant if pk in granted else store.refuse
+            action(
+                issuer="CHR-METZ",
+                patient_id=f"B{n:04d}",
+                purpose=PURPOSE,
+                channel="desk",
+                actor="d",
+            )
+    result = store.decide_many([*pks, 10**9], PURPOSE)
+    assert {pk for pk, d in result.items() if d.outcome is Outcome.PERMIT} == granted
+    assert {pk for pk, d in result.items() if d.outcome is Outcome.DENY} == refused
+    assert result[10**9] == Decision(Outcome.UNDECIDED, "unknown patient")
+    assert len(result) == 1204
+    assert all(result[pk] == store.decide(pk, PURPOSE) for pk in pks[495:505])
+
+
 def test_current_for_every_purpose(store: ConsentStore) -> None:
     _setup(store)
     store.add_purpose("research", "Recherche", model="opt-out", actor="dpo")
