@@ -120,6 +120,10 @@ def build_runtime(settings: Settings) -> Runtime:
             sex=patient.sex,
         )
 
+    def issuer_of(calling_ae: str) -> str:
+        peer = settings.peer_by_ae_title(calling_ae)
+        return peer.issuer if peer is not None else ""
+
     queue = _make_queue(settings, sessions)
     planner = Planner(routes, resolve_facts, consent.decide)
     wakeups = Wakeups()
@@ -138,7 +142,7 @@ def build_runtime(settings: Settings) -> Runtime:
         routes=routes,
         planner=planner,
         wakeups=wakeups,
-        gate=AccessGate(resolve_archived, consent.decide),
+        gate=AccessGate(resolve_archived, consent.decide, resolve_facts, issuer_of),
         write_gate=write_gate,
         journal=(
             IngestJournal(node.data_dir / "journal", node.journal_segment_mb * 1024 * 1024)

@@ -52,7 +52,9 @@ class PatientResolver:
         -------
         Resolution
             ``matched`` by INS (only a ``QUAL`` identity's INS counts) or else by IPP;
-            ``mismatch`` when INS and IPP designate different patients, or when a
+            ``mismatch`` when INS and IPP designate different patients, when two INS
+            of the dataset designate different patients, when an INS of the dataset
+            contradicts the patient's stored one (same OID), or when a
             non-empty birth date or sex contradicts the stored one (unreadable birth date
             included); ``unknown`` when nothing matches or on error.
         """
@@ -72,7 +74,8 @@ class PatientResolver:
         birth_date: str,
         sex: str,
     ) -> Resolution:
-        by_ins: Patient | None = None
+        # every qualified INS the dataset carries must designate the same patient
+        by_ins_found: dict[int, Patient] = {}
         for oid, matricule in ins_values:
             value = matricule.replace(" ", "").upper()
             if not value:
@@ -87,8 +90,10 @@ class PatientResolver:
                 )
             ).first()
             if candidate is not None and candidate.identity_status == "QUAL":
-                by_ins = candidate
-                break
+                by_ins_found[candidate.id] = candidate
+        if len(by_ins_found) > 1:
+            return Resolution(None, "mismatch", "INS values designate different patients")
+        by_ins = next(iter(by_ins_found.values()), None)
         by_ipp: Patient | None = None
         if issuer.strip() and patient_id.strip():
             pk = patient_pk(session, issuer, patient_id)
@@ -99,7 +104,8 @@ class PatientResolver:
         if patient is None:
             return Resolution(None, "unknown", "no patient with these identifiers")
         how = "INS" if by_ins is not None else "patient id"
-        if by_ins is None and ins_values:
+        if ins_values:
+            # an INS of the dataset that the patient's stored one (same OID) contradicts
             rows = session.execute(
                 select(PatientIdentifier.system, PatientIdentifier.value).where(
                     PatientIdentifier.patient_pk == patient.id,

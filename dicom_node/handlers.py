@@ -7,7 +7,7 @@ metrics); they hold no state of their own between requests.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,6 +49,7 @@ class _Match:
     sop_instance_uid: str
     transfer_syntax_uid: str
     patient: tuple[str, str, str, str]  # issuer, patient ID, birth date, sex
+    calling_ae: str  # who sent it (its peer's issuer applies when the file names none)
 
 
 class PatientAccess(Protocol):
@@ -60,28 +61,55 @@ class PatientAccess(Protocol):
         """Whether ``purpose`` may see this archived patient's data; fails closed."""
         ...
 
+    def stored_identity(self, path: Path, calling_ae: str) -> Hashable:
+        """The patient identity an archived file carries; raises when unreadable."""
+        ...
+
+    def permits_identity(self, purpose: str, identity: Any) -> bool:
+        """Whether ``purpose`` may see the data of that identity's patient; fails closed."""
+        ...
+
 
 #: ``audit(actor, action, target, details)``: appends to the tamper-evident audit log.
 AuditSink = Callable[[str, str, str, Mapping[str, Any]], None]
 
 
 class _RequestAccess:
-    """The consent checks of one request (cached per patient): every purpose named must
-    permit the patient. A C-FIND or C-GET answers to the requesting peer, so its purpose
-    applies; a C-MOVE sends to its destination, so the destination peer's purpose applies
-    too (a care-team peer must not move a study to a purpose-bound destination the
-    patient has not consented to)."""
+    """The consent checks of one request (cached per patient and per identity): every
+    purpose named must permit the patient. A C-FIND or C-GET answers to the requesting
+    peer, so its purpose applies; a C-MOVE sends to its destination, so the destination
+    peer's purpose applies too (a care-team peer must not move a study to a purpose-bound
+    destination the patient has not consented to).
+
+    The archived patient row is checked first; an instance is then checked on the identity
+    its own stored file carries (:meth:`allows`), so that an instance filed under a
+    consented patient's row or study while naming someone else is withheld."""
 
     def __init__(self, access: PatientAccess | None, *purposes: str) -> None:
         self._access = access
         self.purposes = tuple(dict.fromkeys(p for p in purposes if p))
         self._cache: dict[tuple[str, str, str, str], bool] = {}
+        self._identities: dict[Hashable, bool] = {}
         self.permitted = 0
         self.withheld = 0
 
-    def allows(self, patient: tuple[str, str, str, str]) -> bool:
+    def allows(
+        self, patient: tuple[str, str, str, str], stored: tuple[Path, str] | None = None
+    ) -> bool:
+        """Whether the archived ``patient`` (and the instance file ``stored``, with the
+        AE title that sent it) may be seen; counted as permitted or withheld."""
         if not self.purposes:
             return True
+        allowed = self._patient_allowed(patient)
+        if allowed and stored is not None:
+            allowed = self._file_allowed(*stored)
+        if allowed:
+            self.permitted += 1
+        else:
+            self.withheld += 1
+        return allowed
+
+    def _patient_allowed(self, patient: tuple[str, str, str, str]) -> bool:
         allowed = self._cache.get(patient)
         if allowed is None:
             access = self._access
@@ -89,10 +117,21 @@ class _RequestAccess:
                 access.permits(purpose, *patient) for purpose in self.purposes
             )
             self._cache[patient] = allowed
-        if allowed:
-            self.permitted += 1
-        else:
-            self.withheld += 1
+        return allowed
+
+    def _file_allowed(self, path: Path, calling_ae: str) -> bool:
+        access = self._access
+        if access is None:
+            return False
+        try:
+            identity = access.stored_identity(path, calling_ae)
+        except Exception as exc:  # unreadable: nothing to show, nothing leaves
+            LOG.error("archived file identity unreadable: %s", type(exc).__name__)
+            return False
+        allowed = self._identities.get(identity)
+        if allowed is None:
+            allowed = all(access.permits_identity(p, identity) for p in self.purposes)
+            self._identities[identity] = allowed
         return allowed
 
 
@@ -243,7 +282,13 @@ class NodeHandlers:
                     yield 0xFE00, None
                     return
                 patient = next(o for o in row if isinstance(o, Patient))
-                if not checks.allows(_patient_key(patient)):
+                instance = next((o for o in row if isinstance(o, Instance)), None)
+                stored = (
+                    (self._archive.files.absolute(instance.path), instance.calling_ae)
+                    if instance is not None and checks.purposes
+                    else None
+                )
+                if not checks.allows(_patient_key(patient), stored):
                     continue
                 yield (
                     0xFF00,
@@ -307,7 +352,7 @@ class NodeHandlers:
             else:
                 destination_purpose = destination.purpose if destination is not None else ""
                 checks = _RequestAccess(self._access, peer.purpose, destination_purpose)
-                permitted = [m for m in matches if checks.allows(m.patient)]
+                permitted = [m for m in matches if checks.allows(m.patient, (m.path, m.calling_ae))]
                 self._audit_access(
                     service,
                     peer,
@@ -393,6 +438,7 @@ class NodeHandlers:
             Patient.patient_id,
             Patient.birth_date,
             Patient.sex,
+            Instance.calling_ae,
         )
         try:
             with self._sessions() as session:
@@ -401,7 +447,14 @@ class NodeHandlers:
             LOG.error("retrieve index query failed: %s", type(exc).__name__)
             raise NodeError("index unavailable", 0xC000) from None
         return [
-            _Match(self._archive.files.absolute(r[0]), r[1], r[2], r[3], (r[4], r[5], r[6], r[7]))
+            _Match(
+                self._archive.files.absolute(r[0]),
+                r[1],
+                r[2],
+                r[3],
+                (r[4], r[5], r[6], r[7]),
+                r[8],
+            )
             for r in rows
         ]
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 
 from pydicom.dataset import Dataset
 
-from dicom_node.archive.attributes import ReceivedAttributes, text_of
+from dicom_node.archive.attributes import ReceivedAttributes, issuer_of_patient_id, text_of
 from router.planner import PatientFacts
 
 #: Patient identity attributes read from every dataset when routes are configured.
@@ -54,12 +54,7 @@ def patient_facts(attributes: ReceivedAttributes, default_issuer: str) -> Patien
     """The identity a dataset carries: issuer from the dataset (Issuer of Patient ID,
     else its qualifiers' Universal Entity ID), else the sending peer's issuer; INS values
     from Other Patient IDs Sequence items whose universal entity ID is an INS OID."""
-    qualifiers = attributes.items("IssuerOfPatientIDQualifiersSequence")
-    issuer = (
-        attributes.text("IssuerOfPatientID")
-        or (text_of(qualifiers[0].get("UniversalEntityID")) if qualifiers else "")
-        or default_issuer
-    )
+    issuer = issuer_of_patient_id(attributes) or default_issuer
     ins: list[tuple[str, str]] = []
     for item in attributes.items("OtherPatientIDsSequence"):
         oid = _qualifier_uid(item)

@@ -167,15 +167,20 @@ class DestinationWorker(threading.Thread):
                 self._drop_link()
                 self._queue.retry_later(job, self._owner, f"internal error: {type(exc).__name__}")
 
+    def _consent_allows(self, job: ClaimedJob) -> bool:
+        """Decide the job's consent now; a job that may not leave is dropped or held."""
+        if not job.purpose:
+            return True
+        decision = self._decide(job.patient_pk, job.purpose)
+        if decision.outcome is Outcome.PERMIT:
+            return True
+        if decision.outcome is Outcome.DENY and not failed(decision):
+            self._queue.drop(job, self._owner, f"consent: {decision.reason}")
+        else:
+            self._queue.hold(job, self._owner, f"consent: {decision.reason}")
+        return False
+
     def _process_one(self, job: ClaimedJob, batch: list[ClaimedJob]) -> None:
-        if job.purpose:
-            decision = self._decide(job.patient_pk, job.purpose)
-            if decision.outcome is Outcome.DENY and not failed(decision):
-                self._queue.drop(job, self._owner, f"consent: {decision.reason}")
-                return
-            if decision.outcome is not Outcome.PERMIT:
-                self._queue.hold(job, self._owner, f"consent: {decision.reason}")
-                return
         path = self._files.absolute(job.path, size=job.size)
         if self._unreachable:  # one connection attempt per batch, not one per job
             self._queue.retry_later(job, self._owner, self._unreachable)
@@ -188,12 +193,8 @@ class DestinationWorker(threading.Thread):
             return
         code: int | None
         try:
-            if link.sender.accepts(job.sop_class_uid, job.transfer_syntax_uid):
-                # the stored bytes, straight from the file (dicom_node.store_scu)
-                code = link.sender.send(
-                    path, job.sop_class_uid, job.sop_instance_uid, job.transfer_syntax_uid
-                )
-            else:
+            payload = None
+            if not link.sender.accepts(job.sop_class_uid, job.transfer_syntax_uid):
                 payload = _decompressed(path, job, link)
                 if payload is None:
                     self._queue.retry_later(
@@ -203,6 +204,17 @@ class DestinationWorker(threading.Thread):
                         permanent=True,
                     )
                     return
+            # consent is decided here, immediately before the bytes leave: a withdrawal
+            # committed while the file was awaited, the association opened or the
+            # instance decompressed is honoured
+            if not self._consent_allows(job):
+                return
+            if payload is None:
+                # the stored bytes, straight from the file (dicom_node.store_scu)
+                code = link.sender.send(
+                    path, job.sop_class_uid, job.sop_instance_uid, job.transfer_syntax_uid
+                )
+            else:
                 status = link.assoc.send_c_store(payload)
                 code = int(status.Status) if status is not None and "Status" in status else None
         except (OSError, ValueError, AttributeError, RuntimeError) as exc:

@@ -5,6 +5,12 @@ patients the consent store resolves and whose decision for that purpose is *perm
 Anything else (unknown patient, contradicting demographics, undecided, denied, an error)
 is withheld. Nothing is cached between requests, so a withdrawal takes effect on the next
 request.
+
+Two checks: the archived patient row (what the index files the study under), and, for
+each instance that is to leave, the identity its stored file carries, resolved exactly as
+routing resolves it (issuer rules, INS, birth date and sex): an instance filed under a
+consented patient's row or study while naming another patient (a reused Study Instance
+UID, contradicting demographics or INS) is withheld, as routing holds it.
 """
 
 from __future__ import annotations
@@ -12,9 +18,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
 
 from consent.decision import Outcome, Resolution
+from dicom_node.archive.attributes import attributes_of
 from router.decisions import Decide
+from router.facts import IDENTITY_KEYWORDS, patient_facts
+from router.planner import PatientFacts, Resolve
 
 LOG = logging.getLogger(__name__)
 
@@ -30,14 +42,24 @@ class ArchivedPatient:
 
 
 ResolveArchived = Callable[[ArchivedPatient], Resolution]
+#: The issuer a calling AE title's peer gives instances without one ("" if unknown).
+IssuerOf = Callable[[str], str]
 
 
 class AccessGate:
     """Answers "may this purpose see this archived patient?" and fails closed."""
 
-    def __init__(self, resolve: ResolveArchived, decide: Decide) -> None:
+    def __init__(
+        self,
+        resolve: ResolveArchived,
+        decide: Decide,
+        resolve_facts: Resolve,
+        issuer_of: IssuerOf,
+    ) -> None:
         self._resolve = resolve
         self._decide = decide
+        self._resolve_facts = resolve_facts
+        self._issuer_of = issuer_of
 
     def permits(
         self, purpose: str, issuer: str, patient_id: str, birth_date: str, sex: str
@@ -45,9 +67,26 @@ class AccessGate:
         """Whether ``purpose`` permits this archived patient's data."""
         try:
             resolution = self._resolve(ArchivedPatient(issuer, patient_id, birth_date, sex))
-            if resolution.status != "matched" or resolution.patient_pk is None:
-                return False
-            return self._decide(resolution.patient_pk, purpose).outcome is Outcome.PERMIT
+            return self._permitted(resolution, purpose)
         except Exception as exc:  # fail closed
             LOG.error("consent check failed: %s", type(exc).__name__)
             return False
+
+    def stored_identity(self, path: Path, calling_ae: str) -> PatientFacts:
+        """The patient identity an archived file carries, read as routing reads it (the
+        sending peer's issuer when the file names none). Raises when unreadable."""
+        dataset = dcmread(path, stop_before_pixels=True)
+        return patient_facts(attributes_of(dataset, IDENTITY_KEYWORDS), self._issuer_of(calling_ae))
+
+    def permits_identity(self, purpose: str, identity: PatientFacts) -> bool:
+        """Whether ``purpose`` permits the data of the patient ``identity`` designates."""
+        try:
+            return self._permitted(self._resolve_facts(identity), purpose)
+        except Exception as exc:  # fail closed
+            LOG.error("consent check failed: %s", type(exc).__name__)
+            return False
+
+    def _permitted(self, resolution: Resolution, purpose: str) -> bool:
+        if resolution.status != "matched" or resolution.patient_pk is None:
+            return False
+        return self._decide(resolution.patient_pk, purpose).outcome is Outcome.PERMIT

@@ -60,7 +60,7 @@ from config.db import reading
 from consent.audit import append_audit, lock_for_write
 from dicom_node.archive.files import InstanceFiles, fsync_directory
 from dicom_node.archive.models import Instance, Patient, Series, Study
-from router.models import ForwardJob, JobState
+from router.models import ForwardJob, HoldReason, JobState
 
 LOG = logging.getLogger(__name__)
 
@@ -191,11 +191,14 @@ class Retention:
     @staticmethod
     def _candidates(patient_pk: int, purpose: str) -> Select[tuple[int, int, str, int]]:
         """Instances with a dropped job of this patient and purpose and no job that still
-        needs the file."""
+        needs the file. A job held for reconciliation names a *candidate* patient whose
+        identity did not match (its hold reason stays when an administrator rejects it):
+        never this patient's data, so never deleted for this patient's refusal."""
         dropped_here = select(ForwardJob.instance_pk).where(
             ForwardJob.patient_pk == patient_pk,
             ForwardJob.purpose == purpose,
             ForwardJob.state == JobState.DROPPED.value,
+            ForwardJob.hold_reason != HoldReason.RECONCILIATION.value,
         )
         still_needed = exists().where(
             ForwardJob.instance_pk == Instance.id, ForwardJob.state.not_in(FINAL_STATES)

@@ -587,6 +587,40 @@ def test_resolve_dicom_patient(store: ConsentStore) -> None:
     )
 
 
+def test_resolve_two_ins_values(store: ConsentStore) -> None:
+    """Every INS a dataset carries counts, in any order: two qualified INS of two
+    patients, or a second INS that contradicts the matched patient's, is a mismatch."""
+    alice = add_alice(store, ins=INS_F_1985, identity_status="QUAL")
+    add_alice(
+        store,
+        patient_id="IPP002",
+        birth_name="Martin",
+        first_name="Paul",
+        sex="M",
+        birth_date=date(1960, 2, 3),
+        ins=INS_M_1960,
+        identity_status="QUAL",
+    )
+    nir = "1.2.250.1.213.1.4.8"
+    unknown_ins = ins_key("2850575999999")
+
+    def resolve(*ins: str) -> tuple[int | None, str]:
+        r = store.resolve_dicom_patient(
+            issuer="CHR-METZ",
+            patient_id="IPP001",
+            ins_values=[(nir, value) for value in ins],
+            birth_date="",
+            sex="",
+        )
+        return r.patient_pk, r.status
+
+    assert resolve(INS_F_1985) == (alice, "matched")
+    assert resolve(INS_F_1985, INS_M_1960)[1] == "mismatch"
+    assert resolve(INS_M_1960, INS_F_1985)[1] == "mismatch"
+    assert resolve(INS_F_1985, unknown_ins)[1] == "mismatch"
+    assert resolve(INS_F_1985, INS_F_1985) == (alice, "matched")
+
+
 # ---------------------------------------------------------------------- change notification
 
 

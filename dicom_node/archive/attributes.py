@@ -16,7 +16,17 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-__all__ = ["ReceivedAttributes", "attributes_of", "split_values", "text_of"]
+__all__ = [
+    "ISSUER_KEYWORDS",
+    "ReceivedAttributes",
+    "attributes_of",
+    "issuer_of_patient_id",
+    "split_values",
+    "text_of",
+]
+
+#: The attributes that name the issuer of the Patient ID.
+ISSUER_KEYWORDS = ("IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence")
 
 
 class ReceivedAttributes:
@@ -72,6 +82,16 @@ class ReceivedAttributes:
 def text_of(value: Any) -> str:
     """One value as text, stripped of surrounding spaces and NUL padding."""
     return "" if value is None else str(value).strip().replace("\x00", "")
+
+
+def issuer_of_patient_id(attributes: ReceivedAttributes) -> str:
+    """The issuer a data set names for its Patient ID: Issuer of Patient ID, else the
+    Universal Entity ID of its qualifiers (``""`` when neither). Routing, the archive's
+    patient key and the consent checks of query/retrieve all use this one rule."""
+    qualifiers = attributes.items("IssuerOfPatientIDQualifiersSequence")
+    return attributes.text("IssuerOfPatientID") or (
+        text_of(qualifiers[0].get("UniversalEntityID")) if qualifiers else ""
+    )
 
 
 def split_values(text: str) -> tuple[str, ...]:

@@ -25,7 +25,12 @@ from typing import Protocol
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node.archive.attributes import ReceivedAttributes, attributes_of
+from dicom_node.archive.attributes import (
+    ISSUER_KEYWORDS,
+    ReceivedAttributes,
+    attributes_of,
+    issuer_of_patient_id,
+)
 from dicom_node.archive.files import InstanceFiles
 from dicom_node.archive.header import (
     InstanceHeader,
@@ -147,7 +152,10 @@ class Archive:
         self.files = files
         self.index = index
         self.hook = hook
-        self._keywords = hook.keywords() if hook is not None else frozenset()
+        # the issuer attributes are always read: they key the archived patient
+        self._keywords = (hook.keywords() if hook is not None else frozenset()) | frozenset(
+            ISSUER_KEYWORDS
+        )
         self._extra_tags = extra_tags(self._keywords)
         self._locks = _StripedLocks()
         self._journal: IngestJournal | None = None
@@ -221,7 +229,9 @@ class Archive:
             try:
                 self.index.add_instance(
                     header,
-                    issuer=header.issuer or default_issuer,
+                    # the same rule as routing's: the qualifiers' Universal Entity ID
+                    # when Issuer of Patient ID is absent, then the sending peer's
+                    issuer=header.issuer or issuer_of_patient_id(attributes) or default_issuer,
                     transfer_syntax_uid=transfer_syntax_uid,
                     size=size,
                     relative_path=relative,

@@ -1,0 +1,395 @@
+"""Consent at every exit follows each instance's own identity, as routing resolves it.
+
+An instance filed under a consented patient's archive row or study while naming someone
+else (a reused Study Instance UID, the issuer only in the qualifiers sequence,
+contradicting demographics or INS) must not reach a purpose-bound peer by C-FIND, C-GET
+or C-MOVE; two INS of two patients are held, not forwarded; a withdrawal committed while
+the forwarder opens its association stops the send; retention never deletes an instance
+held for reconciliation because its candidate patient refused. Each test stores
+instances from the modality peer (default issuer CHR-METZ) and queries or retrieves as
+the purpose-bound peer "regional" (SQLite and PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+from sqlalchemy import select
+
+from cli.router_commands import _resolve_held
+from config.settings import MatchCondition, PeerSettings, RouteSettings
+from dicom_node.archive.models import Patient as ArchivedPatient
+from router.consent_sync import ConsentSync
+from router.forwarder import ForwarderOptions, ForwarderPool
+from router.retention import Retention
+from tests.conftest import (
+    ISSUER,
+    MODALITY_AE,
+    PACS_AE,
+    RecordingScp,
+    RunningNode,
+    free_port,
+    job_states,
+    make_settings,
+    seed_purpose,
+    start_node,
+    wait_until,
+)
+from tests.identity_support import (
+    INS_NIR_OID,
+    PURPOSE,
+    QR_AE,
+    add_patient,
+    c_find,
+    c_get,
+    c_move,
+    make_ds,
+    matricule,
+    regional_peer,
+    route_to_regional,
+    store,
+)
+
+
+@pytest.fixture
+def node(tmp_path: Path, db_url: str) -> Iterator[RunningNode]:
+    settings = make_settings(tmp_path / "data", db_url)
+    settings = replace(
+        settings,
+        peers=(*settings.peers, regional_peer(free_port())),
+        routes=(route_to_regional(),),
+    )
+    running = start_node(settings)
+    try:
+        seed_purpose(running.runtime.consent, PURPOSE)
+        yield running
+    finally:
+        running.stop()
+        running.runtime.close()
+
+
+def grant(node, pid: str, issuer: str = ISSUER) -> None:
+    node.runtime.consent.grant(
+        issuer=issuer, patient_id=pid, purpose=PURPOSE, channel="cli", actor="t"
+    )
+
+
+def refuse(node, pid: str, issuer: str = ISSUER) -> None:
+    node.runtime.consent.refuse(
+        issuer=issuer, patient_id=pid, purpose=PURPOSE, channel="cli", actor="t"
+    )
+
+
+def test_foreign_instance_in_a_consented_study_is_withheld(node) -> None:
+    """Instance B (refused patient) carries the StudyInstanceUID of a consented patient's
+    study, so the index files B under that study: B's own identity still withholds it,
+    and the consented patient's instance is still served."""
+    add_patient(node, "P-GRANTED")
+    add_patient(node, "P-REFUSED")
+    grant(node, "P-GRANTED")
+    refuse(node, "P-REFUSED")
+    study = generate_uid()
+    a = make_ds("P-GRANTED", study_uid=study)
+    b = make_ds("P-REFUSED", study_uid=study, name="SECRET^REFUSED")
+    assert store(node, a, b) == [0, 0]
+    jobs = job_states(node.runtime)
+    assert jobs[b.SOPInstanceUID] == "dropped"  # routing got it right
+    # C-GET of the study from the purpose-bound peer
+    status, got = c_get(node, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
+    leaked_study = b.SOPInstanceUID in got
+    # C-GET of B by its SOP Instance UID
+    status2, got2 = c_get(
+        node,
+        QR_AE,
+        QueryRetrieveLevel="IMAGE",
+        StudyInstanceUID=study,
+        SOPInstanceUID=b.SOPInstanceUID,
+    )
+    # C-FIND at IMAGE level
+    found = c_find(
+        node, QR_AE, QueryRetrieveLevel="IMAGE", StudyInstanceUID=study, SOPInstanceUID=""
+    )
+    listed = {str(d.SOPInstanceUID) for d in found}
+    assert a.SOPInstanceUID in got and status == 0xB000  # B counted as a failed sub-operation
+    assert status2 == 0x0124  # nothing the purpose permits
+    assert a.SOPInstanceUID in listed
+    assert not leaked_study and b.SOPInstanceUID not in got2 and b.SOPInstanceUID not in listed, (
+        f"LEAK: study get status={status:#06x} got B={leaked_study}; "
+        f"image get status={status2:#06x} got B={b.SOPInstanceUID in got2}; "
+        f"find lists B={b.SOPInstanceUID in listed}"
+    )
+
+
+def test_issuer_only_in_qualifiers_sequence_keys_the_archive(node) -> None:
+    """B names its issuer only in Issuer of Patient ID Qualifiers Sequence (no (0010,0021)).
+    Routing resolves it to the other establishment's patient (refused); the archive files
+    it under that issuer too (not under the consented CHR-METZ patient with the same
+    Patient ID), so neither C-FIND nor C-GET shows it."""
+    other_issuer = "1.2.250.1.71.4.2.1"
+    add_patient(node, "SHARED-1")  # CHR-METZ, 1970-01-01
+    add_patient(node, "SHARED-1", issuer=other_issuer, birth="1980-05-05", sex="F")
+    grant(node, "SHARED-1")
+    refuse(node, "SHARED-1", issuer=other_issuer)
+    a = make_ds("SHARED-1", study_uid=generate_uid())  # the consented CHR-METZ patient
+    study_b = generate_uid()
+    b = make_ds(
+        "SHARED-1",
+        study_uid=study_b,
+        issuer=None,
+        qualifier_uid=other_issuer,
+        birth="19800505",
+        sex="F",
+        name="OTHER^PATIENT",
+    )
+    assert store(node, a, b) == [0, 0]
+    assert job_states(node.runtime)[b.SOPInstanceUID] == "dropped"  # routing: refused
+    status, got = c_get(node, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study_b)
+    assert b.SOPInstanceUID not in got, f"LEAK: status={status:#06x}, B retrieved"
+    studies = {
+        str(d.StudyInstanceUID)
+        for d in c_find(
+            node, QR_AE, QueryRetrieveLevel="STUDY", PatientID="SHARED-1", StudyInstanceUID=""
+        )
+    }
+    assert studies == {str(a.StudyInstanceUID)}
+    found = node.runtime.index.find_instance(b.SOPInstanceUID)
+    assert found is not None
+    with node.runtime.sessions() as session:
+        issuers = set(session.scalars(select(ArchivedPatient.issuer)).all())
+    assert issuers == {ISSUER, other_issuer}
+
+
+def test_contradicting_demographics_held_and_withheld(node) -> None:
+    """B has P-GRANTED's IPP but another birth date and sex: routing holds it for
+    reconciliation; the archive files it under P-GRANTED's row (same IPP), and B's own
+    demographics withhold it."""
+    add_patient(node, "P-GRANTED")
+    grant(node, "P-GRANTED")
+    a = make_ds("P-GRANTED", study_uid=generate_uid())
+    study_b = generate_uid()
+    b = make_ds("P-GRANTED", study_uid=study_b, birth="19851231", sex="M", name="SOMEONE^ELSE")
+    assert store(node, a, b) == [0, 0]
+    jobs = job_states(node.runtime)
+    assert jobs[a.SOPInstanceUID] == "ready"
+    assert jobs[b.SOPInstanceUID] == "held"
+    status, got = c_get(node, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study_b)
+    assert b.SOPInstanceUID not in got, f"LEAK: status={status:#06x}, held instance retrieved"
+
+
+def test_conflicting_ins_held_and_withheld(node) -> None:
+    """B has P-GRANTED's IPP and, in Other Patient IDs Sequence, the qualified INS of a
+    patient who refused. Routing: mismatch, held; retrieve: withheld on the same INS."""
+    ins = matricule("1700175123456")
+    add_patient(node, "P-GRANTED")
+    add_patient(node, "P-INS", sex="M", ins=ins, status="QUAL")
+    grant(node, "P-GRANTED")
+    refuse(node, "P-INS")
+    study_b = generate_uid()
+    b = make_ds("P-GRANTED", study_uid=study_b, ins=(INS_NIR_OID, ins))
+    assert store(node, b) == [0]
+    assert job_states(node.runtime)[b.SOPInstanceUID] == "held"
+    status, got = c_get(node, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study_b)
+    assert b.SOPInstanceUID not in got, f"LEAK: status={status:#06x}, INS conflict"
+
+
+def test_foreign_instance_not_moved_by_care_team_pacs_to_regional(node) -> None:
+    """The care team's PACS (no purpose) moves the consented study to the purpose-bound
+    regional peer: the destination's purpose applies to each instance's own identity, so
+    the refused patient's instance filed in that study stays."""
+    regional = node.settings.peer_by_name("regional")
+    dest = RecordingScp(QR_AE, regional.port).start()
+    try:
+        add_patient(node, "P-GRANTED")
+        add_patient(node, "P-REFUSED")
+        grant(node, "P-GRANTED")
+        refuse(node, "P-REFUSED")
+        study = generate_uid()
+        a = make_ds("P-GRANTED", study_uid=study)
+        b = make_ds("P-REFUSED", study_uid=study, name="SECRET^REFUSED")
+        assert store(node, a, b) == [0, 0]
+        status = c_move(node, PACS_AE, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
+        assert b.SOPInstanceUID not in dest.uids(), f"LEAK via C-MOVE: status={status:#06x}"
+        assert a.SOPInstanceUID in dest.uids()
+    finally:
+        dest.stop()
+
+
+def test_two_conflicting_ins_in_other_patient_ids_are_held(node) -> None:
+    """Other Patient IDs Sequence carries two qualified INS of two different patients: the
+    consented one first, then one who refused. Every INS counts: the instance is held for
+    reconciliation, not forwarded."""
+    ins_ok = matricule("1700175123456")
+    ins_no = matricule("2700175654321")
+    add_patient(node, "P-OK", sex="M", ins=ins_ok, status="QUAL")
+    add_patient(node, "P-NO", sex="F", ins=ins_no, status="QUAL")
+    grant(node, "P-OK")
+    refuse(node, "P-NO")
+    b = make_ds("P-OK", study_uid=generate_uid(), ins=(INS_NIR_OID, ins_ok))
+    # append the refused patient's INS as a second item
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    item = Dataset()
+    item.PatientID = ins_no
+    item.IssuerOfPatientID = "ASIP-SANTE-INS-NIR"
+    q = Dataset()
+    q.UniversalEntityID = INS_NIR_OID
+    q.UniversalEntityIDType = "ISO"
+    item.IssuerOfPatientIDQualifiersSequence = DicomSequence([q])
+    b.OtherPatientIDsSequence.append(item)
+    b.PatientSex = "M"  # P-OK's sex
+    assert store(node, b) == [0]
+    state = job_states(node.runtime)[b.SOPInstanceUID]
+    from sqlalchemy import select
+
+    from router.models import ForwardJob
+
+    with node.runtime.sessions() as s:
+        note = s.scalars(select(ForwardJob.last_error)).all()
+    assert state == "held", f"LEAK (forward): contradictory INS, job {state} {note}"
+
+
+# ---------------------------------------------------------------- forwarding and retention
+
+
+class SlowAcceptScp:
+    """Storage SCP that holds its first association request until released."""
+
+    def __init__(self, ae_title: str) -> None:
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.received: list[str] = []
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+        self._first = True
+
+    def start(self) -> SlowAcceptScp:
+        ae = AE(ae_title=self.ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        ae.add_supported_context(Verification)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+
+        def on_requested(event):  # type: ignore[no-untyped-def]
+            if self._first:
+                self._first = False
+                self.arrived.set()
+                self.release.wait(20)
+
+        def on_store(event):  # type: ignore[no-untyped-def]
+            self.received.append(str(event.request.AffectedSOPInstanceUID))
+            return 0
+
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_REQUESTED, on_requested), (evt.EVT_C_STORE, on_store)],
+        )
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+
+def test_withdrawal_during_association_setup_stops_the_send(tmp_path: Path) -> None:
+    """The forwarder decides consent after its association is open, immediately before
+    the send: a withdrawal committed while the destination is slow to accept wins."""
+    dest = SlowAcceptScp("SLOWDEST").start()
+    settings = make_settings(tmp_path / "data", f"sqlite:///{tmp_path / 'index.db'}")
+    peer = PeerSettings(
+        "slow", "SLOWDEST", "127.0.0.1", dest.port, frozenset({"echo"}), purpose=PURPOSE
+    )
+    route = RouteSettings(
+        "to-slow",
+        (MatchCondition("calling_ae", "equals", (MODALITY_AE,)),),
+        ("slow",),
+        purpose=PURPOSE,
+    )
+    settings = replace(settings, peers=(*settings.peers, peer), routes=(route,))
+    node = start_node(settings)
+    pool = None
+    try:
+        consent = node.runtime.consent
+        seed_purpose(consent, PURPOSE)
+        add_patient(node, "P-1")
+        consent.grant(issuer=ISSUER, patient_id="P-1", purpose=PURPOSE, channel="cli", actor="t")
+        pool = ForwarderPool(
+            settings,
+            node.runtime.queue,
+            node.runtime.files,
+            consent.decide,
+            ForwarderOptions(batch_size=8, poll_interval=0.1, idle_release=1.0),
+        )
+        node.runtime.wakeups.subscribe(pool.wake)
+        pool.start()
+        ds = make_ds("P-1", study_uid=generate_uid())
+        assert store(node, ds) == [0]
+        assert dest.arrived.wait(10), "forwarder never connected"
+        # the worker has decided PERMIT and is waiting for the association to be accepted
+        consent.withdraw(issuer=ISSUER, patient_id="P-1", purpose=PURPOSE, channel="cli", actor="t")
+        assert not consent.decide(consent.find_patient(ISSUER, "P-1"), PURPOSE).permitted
+        dest.release.set()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not dest.received:
+            time.sleep(0.1)
+        state = job_states(node.runtime)[ds.SOPInstanceUID]
+        assert ds.SOPInstanceUID not in dest.received, (
+            f"LEAK: sent after the withdrawal was committed (job state {state})"
+        )
+        assert wait_until(
+            lambda: job_states(node.runtime)[ds.SOPInstanceUID] == "dropped", 10, "job dropped"
+        )
+    finally:
+        dest.release.set()
+        if pool is not None:
+            pool.stop()
+        node.stop()
+        node.runtime.close()
+        dest.stop()
+
+
+def test_reject_then_candidate_refusal_keeps_unconfirmed_instance(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data", f"sqlite:///{tmp_path / 'index.db'}")
+    settings = replace(
+        settings,
+        peers=(*settings.peers, regional_peer(free_port())),
+        routes=(route_to_regional(),),
+        router=replace(settings.router, retention="delete-unneeded"),
+    )
+    node = start_node(settings)
+    rt = node.runtime
+    try:
+        consent = rt.consent
+        seed_purpose(consent, PURPOSE)
+        add_patient(node, "P-X")  # born 1970-01-01
+        study = generate_uid()
+        other_person = make_ds("P-X", study_uid=study, birth="19851231", sex="M")
+        assert store(node, other_person) == [0]
+        assert job_states(rt)[other_person.SOPInstanceUID] == "held"  # reconciliation
+        sync = ConsentSync(
+            rt.queue,
+            rt.sessions,
+            consent.decide,
+            consent.changes_since,
+            consent.last_event_id,
+            retention=Retention(
+                "delete-unneeded", rt.sessions, rt.files, forget_parents=rt.index.forget_parents
+            ),
+        )
+        assert "dropped" in _resolve_held(rt, study, None, None, True, "admin")
+        assert rt.index.find_instance(other_person.SOPInstanceUID) is not None
+        consent.refuse(issuer=ISSUER, patient_id="P-X", purpose=PURPOSE, channel="cli", actor="t")
+        sync.poll()
+        assert rt.index.find_instance(other_person.SOPInstanceUID) is not None, (
+            "DATA LOSS: an instance never matched to P-X was deleted by P-X's refusal"
+        )
+    finally:
+        node.stop()
+        node.runtime.close()
