@@ -7,7 +7,7 @@ metrics); they hold no state of their own between requests.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,16 +18,18 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import PeerSettings, Settings
-from dicom_node.archive.models import Instance, Patient
+from dicom_node.archive.identity import PatientIdentity, load_identity
+from dicom_node.archive.models import Instance, Patient, Series, Study
 from dicom_node.archive.service import Archive, StoreOutcome
 from dicom_node.contexts import QR_SOP_CLASSES, VERIFICATION, contexts_for_services
 from dicom_node.errors import NodeError
 from dicom_node.metrics import NodeMetrics
-from dicom_node.qr.matching import IdentifierError, Root, build_query, response_identifier
+from dicom_node.qr.matching import IdentifierError, Level, Root, build_query, response_identifier
 from dicom_node.reactor import await_send_room
 
 LOG = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class _Match:
     transfer_syntax_uid: str
     patient: tuple[str, str, str, str]  # issuer, patient ID, birth date, sex
     calling_ae: str  # who sent it (its peer's issuer applies when the file names none)
+    identity: str | None  # the stored identity it carries (None: read the file)
 
 
 class PatientAccess(Protocol):
@@ -61,13 +64,18 @@ class PatientAccess(Protocol):
         """Whether ``purpose`` may see this archived patient's data; fails closed."""
         ...
 
-    def stored_identity(self, path: Path, calling_ae: str) -> Hashable:
+    def stored_identity(self, path: Path, calling_ae: str) -> PatientIdentity:
         """The patient identity an archived file carries; raises when unreadable."""
         ...
 
-    def permits_identity(self, purpose: str, identity: Any) -> bool:
+    def permits_identity(self, purpose: str, identity: PatientIdentity) -> bool:
         """Whether ``purpose`` may see the data of that identity's patient; fails closed."""
         ...
+
+
+#: Where an archived instance's identity is read: its stored form (the index column), or
+#: its file and the AE title that sent it (instances indexed before schema 0004).
+IdentitySource = str | tuple[Path, str]
 
 
 #: ``audit(actor, action, target, details)``: appends to the tamper-evident audit log.
@@ -81,28 +89,29 @@ class _RequestAccess:
     peer's purpose applies too (a care-team peer must not move a study to a purpose-bound
     destination the patient has not consented to).
 
-    The archived patient row is checked first; an instance is then checked on the identity
-    its own stored file carries (:meth:`allows`), so that an instance filed under a
-    consented patient's row or study while naming someone else is withheld."""
+    The archived patient row is checked first, then the identities the instances concerned
+    carry (:meth:`allows`): an instance filed under a consented patient's row or study
+    while naming someone else is withheld, and so is a patient, study or series holding
+    one."""
 
     def __init__(self, access: PatientAccess | None, *purposes: str) -> None:
         self._access = access
         self.purposes = tuple(dict.fromkeys(p for p in purposes if p))
         self._cache: dict[tuple[str, str, str, str], bool] = {}
-        self._identities: dict[Hashable, bool] = {}
+        self._identities: dict[PatientIdentity, bool] = {}
         self.permitted = 0
         self.withheld = 0
 
     def allows(
-        self, patient: tuple[str, str, str, str], stored: tuple[Path, str] | None = None
+        self, patient: tuple[str, str, str, str], sources: Iterable[IdentitySource] = ()
     ) -> bool:
-        """Whether the archived ``patient`` (and the instance file ``stored``, with the
-        AE title that sent it) may be seen; counted as permitted or withheld."""
+        """Whether the archived ``patient`` may be seen, and every identity ``sources``
+        give (the instances concerned); counted as permitted or withheld."""
         if not self.purposes:
             return True
-        allowed = self._patient_allowed(patient)
-        if allowed and stored is not None:
-            allowed = self._file_allowed(*stored)
+        allowed = self._patient_allowed(patient) and all(
+            self._identity_allowed(source) for source in sources
+        )
         if allowed:
             self.permitted += 1
         else:
@@ -119,14 +128,17 @@ class _RequestAccess:
             self._cache[patient] = allowed
         return allowed
 
-    def _file_allowed(self, path: Path, calling_ae: str) -> bool:
+    def _identity_allowed(self, source: IdentitySource) -> bool:
         access = self._access
         if access is None:
             return False
         try:
-            identity = access.stored_identity(path, calling_ae)
+            if isinstance(source, str):
+                identity = load_identity(source)
+            else:
+                identity = access.stored_identity(*source)
         except Exception as exc:  # unreadable: nothing to show, nothing leaves
-            LOG.error("archived file identity unreadable: %s", type(exc).__name__)
+            LOG.error("archived instance identity unreadable: %s", type(exc).__name__)
             return False
         allowed = self._identities.get(identity)
         if allowed is None:
@@ -282,13 +294,8 @@ class NodeHandlers:
                     yield 0xFE00, None
                     return
                 patient = next(o for o in row if isinstance(o, Patient))
-                instance = next((o for o in row if isinstance(o, Instance)), None)
-                stored = (
-                    (self._archive.files.absolute(instance.path), instance.calling_ae)
-                    if instance is not None and checks.purposes
-                    else None
-                )
-                if not checks.allows(_patient_key(patient), stored):
+                sources = self._identity_sources(row, query.level) if checks.purposes else ()
+                if not checks.allows(_patient_key(patient), sources):
                     continue
                 yield (
                     0xFF00,
@@ -302,6 +309,36 @@ class NodeHandlers:
         finally:
             self._audit_access("find", peer, checks, {"level": query.level.name})
         yield 0x0000, None
+
+    def _identity_sources(self, row: Any, level: Level) -> list[IdentitySource]:
+        """Where to read the identities of the instances a C-FIND row stands for: the
+        instance itself (IMAGE), else every instance of the series, study or patient (a
+        distinct stored identity once; a file for each instance without one)."""
+        if level is Level.IMAGE:
+            instance = next(o for o in row if isinstance(o, Instance))
+            path = self._archive.files.absolute(instance.path)
+            return [_source(instance.identity, path, instance.calling_ae)]
+        if level is Level.SERIES:
+            series = next(o for o in row if isinstance(o, Series))
+            scope = Instance.series_pk == series.id
+        else:
+            if level is Level.STUDY:
+                study = next(o for o in row if isinstance(o, Study))
+                studies = select(Study.id).where(Study.id == study.id)
+            else:
+                patient = next(o for o in row if isinstance(o, Patient))
+                studies = select(Study.id).where(Study.patient_pk == patient.id)
+            scope = Instance.series_pk.in_(select(Series.id).where(Series.study_pk.in_(studies)))
+        with self._sessions() as session:
+            stored = session.scalars(
+                select(Instance.identity).where(scope, Instance.identity.is_not(None)).distinct()
+            ).all()
+            legacy = session.execute(
+                select(Instance.path, Instance.calling_ae).where(scope, Instance.identity.is_(None))
+            ).all()
+        sources: list[IdentitySource] = [text for text in stored if text is not None]
+        sources.extend((self._archive.files.absolute(path), ae) for path, ae in legacy)
+        return sources
 
     def _find_rows(self, statement: Any) -> Iterator[Any]:
         """The index rows of a C-FIND, streamed in chunks. The sessions handed to the
@@ -352,7 +389,11 @@ class NodeHandlers:
             else:
                 destination_purpose = destination.purpose if destination is not None else ""
                 checks = _RequestAccess(self._access, peer.purpose, destination_purpose)
-                permitted = [m for m in matches if checks.allows(m.patient, (m.path, m.calling_ae))]
+                permitted = [
+                    m
+                    for m in matches
+                    if checks.allows(m.patient, [_source(m.identity, m.path, m.calling_ae)])
+                ]
                 self._audit_access(
                     service,
                     peer,
@@ -439,6 +480,7 @@ class NodeHandlers:
             Patient.birth_date,
             Patient.sex,
             Instance.calling_ae,
+            Instance.identity,
         )
         try:
             with self._sessions() as session:
@@ -454,6 +496,7 @@ class NodeHandlers:
                 r[3],
                 (r[4], r[5], r[6], r[7]),
                 r[8],
+                r[9],
             )
             for r in rows
         ]
@@ -483,6 +526,11 @@ def _contexts_for(matches: list[_Match]) -> list[PresentationContext]:
         proposed.add(key)
         contexts.append(build_context(match.sop_class_uid, list(offered)))
     return contexts[:128]
+
+
+def _source(identity: str | None, path: Path, calling_ae: str) -> IdentitySource:
+    """An instance's stored identity, else its file (and who sent it) to read it from."""
+    return identity if identity is not None else (path, calling_ae)
 
 
 def _patient_key(patient: Patient) -> tuple[str, str, str, str]:

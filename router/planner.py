@@ -22,21 +22,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from consent.decision import Resolution
+from dicom_node.archive.identity import PatientIdentity
 from router.decisions import Decide, Decision, Outcome, failed
 from router.models import HoldReason, JobState
 from router.queue import JobSpec
 from router.routes import RouteTable
 
-
-@dataclass(frozen=True)
-class PatientFacts:
-    """The identity a dataset carries, as the consent store needs it."""
-
-    issuer: str
-    patient_id: str
-    ins_values: tuple[tuple[str, str], ...]  # (OID, matricule) from Other Patient IDs
-    birth_date: str
-    sex: str
+#: The identity a dataset carries, as the consent store needs it.
+PatientFacts = PatientIdentity
 
 
 Resolve = Callable[[PatientFacts], Resolution]

@@ -13,6 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (
     CTImageStorage,
+    PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -143,22 +144,35 @@ def c_get(node: RunningNode, calling_ae: str, **keys: str) -> tuple[int | None, 
     return final, received
 
 
-def c_find(node: RunningNode, calling_ae: str, **keys: str) -> list[Dataset]:
+def c_find(
+    node: RunningNode, calling_ae: str, *, patient_root: bool = False, **keys: str
+) -> list[Dataset]:
+    """C-FIND (Study Root, or Patient Root); the matches. Fails unless the final status is
+    success (a refused or failed query must not pass for "nothing found")."""
+    model = (
+        PatientRootQueryRetrieveInformationModelFind
+        if patient_root
+        else StudyRootQueryRetrieveInformationModelFind
+    )
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(model)
     assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
     assert assoc.is_established
     query = Dataset()
     for k, v in keys.items():
         setattr(query, k, v)
     found = []
+    final = None
     try:
-        for status, ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+        for status, ident in assoc.send_c_find(query, model):
             if status and status.Status == 0xFF00:
                 found.append(ident)
+            elif status:
+                final = int(status.Status)
     finally:
         assoc.release()
+    assert final == 0x0000, f"C-FIND ended with {final}"
     return found
 
 

@@ -22,10 +22,11 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from cli.router_commands import _resolve_held
 from config.settings import MatchCondition, PeerSettings, RouteSettings
+from dicom_node.archive.models import Instance as ArchivedInstance
 from dicom_node.archive.models import Patient as ArchivedPatient
 from router.consent_sync import ConsentSync
 from router.forwarder import ForwarderOptions, ForwarderPool
@@ -125,6 +126,88 @@ def test_foreign_instance_in_a_consented_study_is_withheld(node) -> None:
         f"LEAK: study get status={status:#06x} got B={leaked_study}; "
         f"image get status={status2:#06x} got B={b.SOPInstanceUID in got2}; "
         f"find lists B={b.SOPInstanceUID in listed}"
+    )
+    # above IMAGE level: A's series is listed, B's series is not, and the study (which
+    # holds B) is not listed at all (its counts and modalities include B)
+    series = {
+        str(d.SeriesInstanceUID)
+        for d in c_find(
+            node, QR_AE, QueryRetrieveLevel="SERIES", StudyInstanceUID=study, SeriesInstanceUID=""
+        )
+    }
+    assert series == {str(a.SeriesInstanceUID)}
+    assert c_find(node, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study) == []
+    # the care team (no purpose) sees everything
+    assert (
+        len(
+            c_find(
+                node,
+                PACS_AE,
+                QueryRetrieveLevel="IMAGE",
+                StudyInstanceUID=study,
+                SOPInstanceUID="",
+            )
+        )
+        == 2
+    )
+
+
+def test_identity_read_from_the_file_for_instances_indexed_without_one(node) -> None:
+    """Instances indexed before the identity column (schema 0004) have none: the checks
+    read each file's identity instead, at every level."""
+    add_patient(node, "P-GRANTED")
+    add_patient(node, "P-REFUSED")
+    grant(node, "P-GRANTED")
+    refuse(node, "P-REFUSED")
+    study = generate_uid()
+    a = make_ds("P-GRANTED", study_uid=study)
+    b = make_ds("P-REFUSED", study_uid=study)
+    assert store(node, a, b) == [0, 0]
+    with node.runtime.sessions.begin() as session:
+        session.execute(update(ArchivedInstance).values(identity=None))
+    status, got = c_get(node, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
+    assert got == {a.SOPInstanceUID} and status == 0xB000
+    listed = {
+        str(d.SOPInstanceUID)
+        for d in c_find(
+            node, QR_AE, QueryRetrieveLevel="IMAGE", StudyInstanceUID=study, SOPInstanceUID=""
+        )
+    }
+    assert listed == {a.SOPInstanceUID}
+    assert c_find(node, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study) == []
+
+
+def test_other_demographics_under_one_patient_id_are_not_listed(node) -> None:
+    """B has P-GRANTED's Patient ID but other demographics, in a study of its own: the
+    archive files it under P-GRANTED's row. B's study and the patient row (which holds B)
+    are not listed; P-GRANTED's own study is."""
+    add_patient(node, "P-GRANTED")
+    grant(node, "P-GRANTED")
+    a = make_ds("P-GRANTED", study_uid=generate_uid())
+    b = make_ds("P-GRANTED", study_uid=generate_uid(), birth="19851231", sex="M")
+    assert store(node, a, b) == [0, 0]
+    studies = {
+        str(d.StudyInstanceUID)
+        for d in c_find(
+            node, QR_AE, QueryRetrieveLevel="STUDY", PatientID="P-GRANTED", StudyInstanceUID=""
+        )
+    }
+    assert studies == {str(a.StudyInstanceUID)}
+    assert (
+        c_find(node, QR_AE, patient_root=True, QueryRetrieveLevel="PATIENT", PatientID="P-GRANTED")
+        == []
+    )
+    assert (
+        len(
+            c_find(
+                node,
+                PACS_AE,
+                patient_root=True,
+                QueryRetrieveLevel="PATIENT",
+                PatientID="P-GRANTED",
+            )
+        )
+        == 1
     )
 
 

@@ -17,16 +17,12 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 __all__ = [
-    "ISSUER_KEYWORDS",
     "ReceivedAttributes",
     "attributes_of",
     "issuer_of_patient_id",
     "split_values",
     "text_of",
 ]
-
-#: The attributes that name the issuer of the Patient ID.
-ISSUER_KEYWORDS = ("IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence")
 
 
 class ReceivedAttributes:

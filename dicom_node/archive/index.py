@@ -30,6 +30,7 @@ _INSTANCE_COLUMNS = (
     "path",
     "calling_ae",
     "received_at",
+    "identity",
 )
 
 
@@ -129,11 +130,15 @@ class ArchiveIndex:
         size: int,
         relative_path: str,
         calling_ae: str,
+        identity: str | None = None,
         received_at: datetime | None = None,
         on_inserted: Callable[[Connection, int], None] | None = None,
         before_commit: Callable[[], None] | None = None,
     ) -> int:
         """Insert the instance and its parents in one committed transaction.
+
+        ``identity`` is the stored form of the patient identity the instance carries
+        (:func:`dicom_node.archive.identity.store_identity`), ``None`` when unknown.
 
         ``on_inserted(connection, instance_pk)`` runs inside that transaction (the router
         adds the instance's forward jobs there); ``before_commit()`` runs last, just
@@ -163,6 +168,7 @@ class ArchiveIndex:
                     "path": relative_path,
                     "calling_ae": calling_ae[:16],
                     "received_at": received,
+                    "identity": identity,
                 },
             )
             instance_id = int(row[0])

@@ -110,5 +110,9 @@ class Instance(ArchiveBase):
     path: Mapped[str] = mapped_column(String(255))
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # the patient identity the instance carries (dicom_node.archive.identity), for the
+    # consent checks of query/retrieve; NULL: unknown (stored before schema 0004, or too
+    # long), the checks read the file
+    identity: Mapped[str | None] = mapped_column(String(512), nullable=True)
 
     series: Mapped[Series] = relationship(back_populates="instances")

@@ -25,12 +25,7 @@ from typing import Protocol
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node.archive.attributes import (
-    ISSUER_KEYWORDS,
-    ReceivedAttributes,
-    attributes_of,
-    issuer_of_patient_id,
-)
+from dicom_node.archive.attributes import ReceivedAttributes, attributes_of
 from dicom_node.archive.files import InstanceFiles
 from dicom_node.archive.header import (
     InstanceHeader,
@@ -39,6 +34,7 @@ from dicom_node.archive.header import (
     parse_header,
     scan_dataset,
 )
+from dicom_node.archive.identity import IDENTITY_KEYWORDS, identity_of, store_identity
 from dicom_node.archive.index import ArchiveIndex
 from dicom_node.archive.journal import IngestJournal, Ticket
 from dicom_node.archive.writer import FileWriter
@@ -152,9 +148,10 @@ class Archive:
         self.files = files
         self.index = index
         self.hook = hook
-        # the issuer attributes are always read: they key the archived patient
+        # the identity attributes are always read: the issuer keys the archived patient,
+        # and each instance keeps the identity it carries (consent checks of Q/R)
         self._keywords = (hook.keywords() if hook is not None else frozenset()) | frozenset(
-            ISSUER_KEYWORDS
+            IDENTITY_KEYWORDS
         )
         self._extra_tags = extra_tags(self._keywords)
         self._locks = _StripedLocks()
@@ -207,6 +204,7 @@ class Archive:
         if not header.patient_id:
             LOG.info("instance received without Patient ID from %s", calling_ae)
 
+        identity = identity_of(attributes, default_issuer)
         hook = self.hook
         prepared = (
             hook.prepare(attributes, header, calling_ae, default_issuer)
@@ -231,7 +229,8 @@ class Archive:
                     header,
                     # the same rule as routing's: the qualifiers' Universal Entity ID
                     # when Issuer of Patient ID is absent, then the sending peer's
-                    issuer=header.issuer or issuer_of_patient_id(attributes) or default_issuer,
+                    issuer=header.issuer or identity.issuer[:64],
+                    identity=store_identity(identity),
                     transfer_syntax_uid=transfer_syntax_uid,
                     size=size,
                     relative_path=relative,
