@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from consent.decision import Outcome
 from dicom_node.archive.attributes import attributes_of
 from dicom_node.archive.models import Instance, Patient, Series, Study
+from router.decisions import failed
 from router.facts import IDENTITY_KEYWORDS, patient_facts, route_attributes
 from router.models import ForwardJob, HoldReason, JobState
 
@@ -306,9 +307,9 @@ def _resolve_held(
         decision = runtime.consent.decide(patient_pk, purpose)
         if decision.outcome is Outcome.PERMIT:
             state, hold = JobState.READY, ""
-        elif decision.outcome is Outcome.DENY:
+        elif decision.outcome is Outcome.DENY and not failed(decision):
             state, hold = JobState.DROPPED, ""
-        else:
+        else:  # undecided, or the decision failed: held, decided again by the sweep
             state, hold = JobState.HELD, HoldReason.CONSENT.value
         runtime.queue.relink(ids, patient_pk, state, hold, f"reconciled by {actor}")
         summary.append(f"{len(ids)} job(s) for {purpose}: {state.value}")

@@ -145,10 +145,16 @@ def c_get(node: RunningNode, calling_ae: str, **keys: str) -> tuple[int | None, 
 
 
 def c_find(
-    node: RunningNode, calling_ae: str, *, patient_root: bool = False, **keys: str
+    node: RunningNode,
+    calling_ae: str,
+    *,
+    patient_root: bool = False,
+    expect: int = 0x0000,
+    **keys: str,
 ) -> list[Dataset]:
     """C-FIND (Study Root, or Patient Root); the matches. Fails unless the final status is
-    success (a refused or failed query must not pass for "nothing found")."""
+    ``expect`` (success by default: a refused or failed query must not pass for "nothing
+    found")."""
     model = (
         PatientRootQueryRetrieveInformationModelFind
         if patient_root
@@ -172,7 +178,7 @@ def c_find(
                 final = int(status.Status)
     finally:
         assoc.release()
-    assert final == 0x0000, f"C-FIND ended with {final}"
+    assert final == expect, f"C-FIND ended with {final}"
     return found
 
 

@@ -12,6 +12,7 @@ the purpose-bound peer "regional" (SQLite and PostgreSQL).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -19,9 +20,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select, update
 
 from cli.router_commands import _resolve_held
@@ -476,3 +477,114 @@ def test_reject_then_candidate_refusal_keeps_unconfirmed_instance(tmp_path: Path
     finally:
         node.stop()
         node.runtime.close()
+
+
+# ---------------------------------------------------------------- identity variants and logs
+
+
+@pytest.fixture
+def variants_node(tmp_path: Path) -> Iterator[RunningNode]:
+    """A node where CHR-METZ "P-123" refused and "123" and "abc" consented."""
+    settings = make_settings(tmp_path / "data", f"sqlite:///{tmp_path / 'index.db'}")
+    settings = replace(
+        settings,
+        peers=(*settings.peers, regional_peer(free_port())),
+        routes=(route_to_regional(),),
+    )
+    running = start_node(settings)
+    try:
+        seed_purpose(running.runtime.consent, PURPOSE)
+        for pid in ("P-123", "123", "abc"):
+            add_patient(running, pid)
+        refuse(running, "P-123")
+        grant(running, "123")
+        grant(running, "abc")
+        yield running
+    finally:
+        running.stop()
+        running.runtime.close()
+
+
+@pytest.mark.parametrize(
+    ("pid", "extra", "shared"),
+    [
+        ("0123", {}, False),  # a leading zero: another Patient ID
+        ("ABC", {}, False),  # another case
+        ("P-123  ", {}, False),  # the refused patient, with trailing spaces
+        ("123", {"birth": "19700102"}, False),  # birth date contradicts
+        ("123", {"sex": "F"}, True),  # stored sex U is compatible (by design)
+        ("123", {"issuer": "OTHER-HOSP"}, False),  # another issuer
+        ("P-123\\123", {}, False),  # a multi-valued Patient ID
+    ],
+)
+def test_identity_variants(
+    variants_node: RunningNode, pid: str, extra: dict[str, str], shared: bool
+) -> None:
+    """Near-miss identities are neither forwarded nor served to the purpose-bound peer."""
+    study = generate_uid()
+    ds = make_ds(pid, study_uid=study, **extra)
+    assert store(variants_node, ds) == [0]
+    state = job_states(variants_node.runtime)[ds.SOPInstanceUID]
+    _, got = c_get(variants_node, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
+    found = c_find(variants_node, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
+    served = ds.SOPInstanceUID in got or bool(found)
+    assert (state == "ready", served) == (shared, shared), (state, served)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_no_patient_data_in_ordinary_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """INFO and above hold no patient name, ID or birth date: stores (one held for
+    reconciliation, one refused by the node), queries with those keys, a bad query
+    level, a retrieve and a move to an unknown destination."""
+    secrets = ("ZORGLUB", "PID-SECRET-77", "19551122")
+    caplog.set_level(logging.INFO)
+    settings = make_settings(tmp_path / "data", f"sqlite:///{tmp_path / 'index.db'}")
+    settings = replace(
+        settings,
+        peers=(*settings.peers, regional_peer(free_port())),
+        routes=(route_to_regional(),),
+    )
+    node = start_node(settings)
+    try:
+        seed_purpose(node.runtime.consent, PURPOSE)
+        add_patient(node, "PID-SECRET-77", birth="1955-11-22")
+        grant(node, "PID-SECRET-77")
+        study = generate_uid()
+        good = make_ds("PID-SECRET-77", study_uid=study, name="ZORGLUB^A", birth="19551122")
+        mismatch = make_ds(
+            "PID-SECRET-77", study_uid=generate_uid(), name="ZORGLUB^B", birth="19551121"
+        )
+        assert store(node, good, mismatch) == [0, 0]
+        # a data set the node refuses (its Study Instance UID is not a UID)
+        bad = make_ds("PID-SECRET-77", study_uid="not-a-uid", name="ZORGLUB^C")
+        ae = AE(ae_title=MODALITY_AE)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+        assert assoc.is_established
+        try:
+            status = assoc.send_c_store(bad)
+            assert int(status.Status) == 0xC212
+        finally:
+            assoc.release()
+        c_find(
+            node,
+            QR_AE,
+            QueryRetrieveLevel="STUDY",
+            PatientName="ZORGLUB*",
+            PatientID="PID-SECRET-77",
+            PatientBirthDate="19551122",
+        )
+        c_find(node, QR_AE, expect=0xA900, QueryRetrieveLevel="BOGUS", PatientName="ZORGLUB*")
+        c_get(node, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
+        c_move(node, QR_AE, "NOWHERE", QueryRetrieveLevel="STUDY", PatientID="PID-SECRET-77")
+    finally:
+        node.stop()
+        node.runtime.close()
+    lines = [
+        f"{r.name} {r.levelname} {r.getMessage()}"
+        for r in caplog.records
+        if r.levelno >= logging.INFO
+    ]
+    assert len(lines) > 10  # the node did log
+    hits = [line for line in lines if any(s in line for s in secrets)]
+    assert not hits, "patient data in logs:\n" + "\n".join(hits[:20])

@@ -18,8 +18,10 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from cli.main import cli
+from cli.router_commands import _resolve_held
 from cli.runtime import Runtime, build_runtime
 from config.settings import load_settings
+from consent.decision import Decision, Outcome
 from consent.models import AuditEntry
 from router.models import JobState
 from tests.conftest import (
@@ -408,3 +410,19 @@ def test_held_list_and_resolve(env: Env) -> None:
         "no patient P-NOBODY",
     )
     assert env.states("again") == {JobState.HELD}  # unchanged by the failed attempt
+
+
+def test_held_resolve_keeps_jobs_held_when_the_decision_fails(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linking a held study while the consent store cannot decide: the jobs stay held
+    (decided again by the sweep), never dropped for good."""
+    env.store("unknown")
+    monkeypatch.setattr(
+        env.runtime.consent,
+        "decide",
+        lambda _pk, _purpose: Decision(Outcome.DENY, "error: OperationalError"),
+    )
+    out = _resolve_held(env.runtime, env.study("unknown"), ISSUER, "P-GRANTED", False, "bob")
+    assert out.endswith(f"for {PURPOSE}: held")
+    assert env.states("unknown") == {JobState.HELD}
