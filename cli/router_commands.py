@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import getpass
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from consent.decision import Outcome
 from dicom_node.archive.attributes import attributes_of
+from dicom_node.archive.identity import load_identity
 from dicom_node.archive.models import Instance, Patient, Series, Study
 from router.decisions import failed
 from router.facts import IDENTITY_KEYWORDS, patient_facts, route_attributes
@@ -267,6 +268,27 @@ def held_resolve(
     click.echo(result)
 
 
+def _patients_named(
+    instances: Iterable[tuple[str | None, str, str]],
+) -> set[tuple[str, str]]:
+    """The (issuer, Patient ID) pairs held instances name, from ``(stored identity, row
+    issuer, row Patient ID)``: the stored identity, else (indexed before it was kept) the
+    archive row's; an unstorable identity names a pair of its own, so it never joins a
+    link with others."""
+    named: set[tuple[str, str]] = set()
+    for index, (text, row_issuer, row_patient_id) in enumerate(instances):
+        if text is None:
+            named.add((row_issuer, row_patient_id))
+            continue
+        try:
+            identity = load_identity(text)
+        except ValueError:
+            named.add(("", f"unstorable-{index}"))
+            continue
+        named.add((identity.issuer, identity.patient_id))
+    return named
+
+
 def _resolve_held(
     runtime: Runtime,
     study_uid: str,
@@ -277,10 +299,17 @@ def _resolve_held(
 ) -> str:
     with runtime.sessions() as session:
         job_rows = session.execute(
-            select(ForwardJob.id, ForwardJob.purpose)
+            select(
+                ForwardJob.id,
+                ForwardJob.purpose,
+                Instance.identity,
+                Patient.issuer,
+                Patient.patient_id,
+            )
             .join(Instance, Instance.id == ForwardJob.instance_pk)
             .join(Series, Series.id == Instance.series_pk)
             .join(Study, Study.id == Series.study_pk)
+            .join(Patient, Patient.id == Study.patient_pk)
             .where(
                 Study.study_instance_uid == study_uid,
                 ForwardJob.state == JobState.HELD.value,
@@ -290,15 +319,23 @@ def _resolve_held(
     if not job_rows:
         raise _error(f"study {study_uid} has no job held for reconciliation")
     ids_by_purpose: dict[str, list[int]] = {}
-    for job_id, purpose in job_rows:
+    for job_id, purpose, *_ in job_rows:
         ids_by_purpose.setdefault(purpose, []).append(job_id)
     details: dict[str, Any] = {"study": study_uid, "jobs": len(job_rows)}
     if reject:
-        count = runtime.queue.drop_jobs([j for j, _ in job_rows], f"rejected by {actor}")
+        count = runtime.queue.drop_jobs([row[0] for row in job_rows], f"rejected by {actor}")
         details["result"] = "rejected"
         runtime.consent.audit(actor=actor, action="held.reject", target=study_uid, details=details)
         return f"{count} job(s) of study {study_uid} dropped"
     assert issuer is not None and patient_id is not None
+    named = _patients_named((row[2], row[3], row[4]) for row in job_rows)
+    if len(named) != 1:
+        # a study UID reused across patients: one link would give all of them one patient
+        raise _error(
+            f"study {study_uid} holds instances naming {len(named) or 'unknown'} different "
+            "patient(s): it cannot be linked to one patient as a whole; reject it "
+            "(--reject) and have the sender correct and resend the instances"
+        )
     patient_pk = runtime.consent.find_patient(issuer, patient_id)
     if patient_pk is None:
         raise _error(f"no patient {patient_id} with issuer {issuer} in the consent store")

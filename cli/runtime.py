@@ -120,10 +120,6 @@ def build_runtime(settings: Settings) -> Runtime:
             sex=patient.sex,
         )
 
-    def issuer_of(calling_ae: str) -> str:
-        peer = settings.peer_by_ae_title(calling_ae)
-        return peer.issuer if peer is not None else ""
-
     queue = _make_queue(settings, sessions)
     planner = Planner(routes, resolve_facts, consent.decide)
     wakeups = Wakeups()
@@ -142,7 +138,7 @@ def build_runtime(settings: Settings) -> Runtime:
         routes=routes,
         planner=planner,
         wakeups=wakeups,
-        gate=AccessGate(resolve_archived, consent.decide, resolve_facts, issuer_of),
+        gate=AccessGate(resolve_archived, consent.decide, resolve_facts),
         write_gate=write_gate,
         journal=(
             IngestJournal(node.data_dir / "journal", node.journal_segment_mb * 1024 * 1024)

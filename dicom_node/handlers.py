@@ -7,7 +7,7 @@ metrics); they hold no state of their own between requests.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,8 +50,8 @@ class _Match:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
-    patient: tuple[str, str, str, str]  # issuer, patient ID, birth date, sex
-    calling_ae: str  # who sent it (its peer's issuer applies when the file names none)
+    patient: PatientKey
+    calling_ae: str  # who sent it
     identity: str | None  # the stored identity it carries (None: read the file)
 
 
@@ -64,8 +64,11 @@ class PatientAccess(Protocol):
         """Whether ``purpose`` may see this archived patient's data; fails closed."""
         ...
 
-    def stored_identity(self, path: Path, calling_ae: str) -> PatientIdentity:
-        """The patient identity an archived file carries; raises when unreadable."""
+    def stored_identities(
+        self, path: Path, default_issuers: Sequence[str]
+    ) -> tuple[PatientIdentity, ...]:
+        """The patient identity an archived file carries (one per default issuer when it
+        names none); raises when unreadable."""
         ...
 
     def permits_identity(self, purpose: str, identity: PatientIdentity) -> bool:
@@ -74,9 +77,16 @@ class PatientAccess(Protocol):
 
 
 #: Where an archived instance's identity is read: its stored form (the index column), or
-#: its file and the AE title that sent it (instances indexed before schema 0004).
-IdentitySource = str | tuple[Path, str]
+#: its file and the issuers that may have applied to it when it was stored, its patient
+#: row's and those of every peer with the AE title that sent it (instances indexed
+#: before schema 0004, or whose identity had no stored form): all must be permitted.
+IdentitySource = str | tuple[Path, tuple[str, ...]]
 
+
+#: An archived patient row as the checks see it: issuer, Patient ID, birth date, sex, and
+#: the stored identity of the instance that created it (``None`` for rows created before
+#: schema 0005).
+PatientKey = tuple[str, str, str, str, str | None]
 
 #: ``audit(actor, action, target, details)``: appends to the tamper-evident audit log.
 AuditSink = Callable[[str, str, str, Mapping[str, Any]], None]
@@ -97,20 +107,21 @@ class _RequestAccess:
     def __init__(self, access: PatientAccess | None, *purposes: str) -> None:
         self._access = access
         self.purposes = tuple(dict.fromkeys(p for p in purposes if p))
-        self._cache: dict[tuple[str, str, str, str], bool] = {}
+        self._cache: dict[PatientKey, bool] = {}
         self._identities: dict[PatientIdentity, bool] = {}
         self.permitted = 0
         self.withheld = 0
 
-    def allows(
-        self, patient: tuple[str, str, str, str], sources: Iterable[IdentitySource] = ()
-    ) -> bool:
+    def allows(self, patient: PatientKey, sources: Sequence[IdentitySource]) -> bool:
         """Whether the archived ``patient`` may be seen, and every identity ``sources``
-        give (the instances concerned); counted as permitted or withheld."""
+        give (the instances concerned: none, and nothing vouches for the patient row, so
+        it is withheld); counted as permitted or withheld."""
         if not self.purposes:
             return True
-        allowed = self._patient_allowed(patient) and all(
-            self._identity_allowed(source) for source in sources
+        allowed = (
+            bool(sources)
+            and self._patient_allowed(patient)
+            and all(self._identity_allowed(source) for source in sources)
         )
         if allowed:
             self.permitted += 1
@@ -118,13 +129,20 @@ class _RequestAccess:
             self.withheld += 1
         return allowed
 
-    def _patient_allowed(self, patient: tuple[str, str, str, str]) -> bool:
+    def _patient_allowed(self, patient: PatientKey) -> bool:
+        """The row, on the identity of the instance that created it (whose name and
+        demographics it shows), INS included; rows older than that on their attributes."""
         allowed = self._cache.get(patient)
         if allowed is None:
             access = self._access
-            allowed = access is not None and all(
-                access.permits(purpose, *patient) for purpose in self.purposes
-            )
+            issuer, patient_id, birth_date, sex, identity = patient
+            if identity is not None:
+                allowed = self._identity_allowed(identity)
+            else:
+                allowed = access is not None and all(
+                    access.permits(purpose, issuer, patient_id, birth_date, sex)
+                    for purpose in self.purposes
+                )
             self._cache[patient] = allowed
         return allowed
 
@@ -134,17 +152,22 @@ class _RequestAccess:
             return False
         try:
             if isinstance(source, str):
-                identity = load_identity(source)
+                identities: tuple[PatientIdentity, ...] = (load_identity(source),)
             else:
-                identity = access.stored_identity(*source)
+                identities = access.stored_identities(*source)
         except Exception as exc:  # unreadable: nothing to show, nothing leaves
             LOG.error("archived instance identity unreadable: %s", type(exc).__name__)
             return False
-        allowed = self._identities.get(identity)
-        if allowed is None:
-            allowed = all(access.permits_identity(p, identity) for p in self.purposes)
-            self._identities[identity] = allowed
-        return allowed
+        if not identities:
+            return False
+        for identity in identities:
+            allowed = self._identities.get(identity)
+            if allowed is None:
+                allowed = all(access.permits_identity(p, identity) for p in self.purposes)
+                self._identities[identity] = allowed
+            if not allowed:
+                return False
+        return True
 
 
 class NodeHandlers:
@@ -294,7 +317,7 @@ class NodeHandlers:
                     yield 0xFE00, None
                     return
                 patient = next(o for o in row if isinstance(o, Patient))
-                sources = self._identity_sources(row, query.level) if checks.purposes else ()
+                sources = self._identity_sources(row, query.level) if checks.purposes else []
                 if not checks.allows(_patient_key(patient), sources):
                     continue
                 yield (
@@ -317,7 +340,8 @@ class NodeHandlers:
         if level is Level.IMAGE:
             instance = next(o for o in row if isinstance(o, Instance))
             path = self._archive.files.absolute(instance.path)
-            return [_source(instance.identity, path, instance.calling_ae)]
+            patient = next(o for o in row if isinstance(o, Patient))
+            return [self._source(instance.identity, path, patient.issuer, instance.calling_ae)]
         if level is Level.SERIES:
             series = next(o for o in row if isinstance(o, Series))
             scope = Instance.series_pk == series.id
@@ -334,11 +358,30 @@ class NodeHandlers:
                 select(Instance.identity).where(scope, Instance.identity.is_not(None)).distinct()
             ).all()
             legacy = session.execute(
-                select(Instance.path, Instance.calling_ae).where(scope, Instance.identity.is_(None))
+                select(Instance.path, Patient.issuer, Instance.calling_ae)
+                .join(Series, Instance.series_pk == Series.id)
+                .join(Study, Series.study_pk == Study.id)
+                .join(Patient, Study.patient_pk == Patient.id)
+                .where(scope, Instance.identity.is_(None))
             ).all()
         sources: list[IdentitySource] = [text for text in stored if text is not None]
-        sources.extend((self._archive.files.absolute(path), ae) for path, ae in legacy)
+        sources.extend(
+            self._source(None, self._archive.files.absolute(path), issuer, ae)
+            for path, issuer, ae in legacy
+        )
         return sources
+
+    def _source(
+        self, identity: str | None, path: Path, row_issuer: str, calling_ae: str
+    ) -> IdentitySource:
+        """An instance's stored identity, else its file and every issuer that may have
+        applied when it was stored: its patient row's (which a reused Study Instance UID
+        can make another patient's) and that of each peer with the AE title that sent it
+        (a peer's issuer can have changed since, and AE titles can be shared)."""
+        if identity is not None:
+            return identity
+        peers = (p.issuer for p in self._settings.peers if p.ae_title == calling_ae)
+        return (path, tuple(dict.fromkeys((row_issuer, *peers))))
 
     def _find_rows(self, statement: Any) -> Iterator[Any]:
         """The index rows of a C-FIND, streamed in chunks. The sessions handed to the
@@ -392,7 +435,9 @@ class NodeHandlers:
                 permitted = [
                     m
                     for m in matches
-                    if checks.allows(m.patient, [_source(m.identity, m.path, m.calling_ae)])
+                    if checks.allows(
+                        m.patient, [self._source(m.identity, m.path, m.patient[0], m.calling_ae)]
+                    )
                 ]
                 self._audit_access(
                     service,
@@ -479,6 +524,7 @@ class NodeHandlers:
             Patient.patient_id,
             Patient.birth_date,
             Patient.sex,
+            Patient.identity,
             Instance.calling_ae,
             Instance.identity,
         )
@@ -494,9 +540,9 @@ class NodeHandlers:
                 r[1],
                 r[2],
                 r[3],
-                (r[4], r[5], r[6], r[7]),
-                r[8],
+                (r[4], r[5], r[6], r[7], r[8]),
                 r[9],
+                r[10],
             )
             for r in rows
         ]
@@ -528,10 +574,5 @@ def _contexts_for(matches: list[_Match]) -> list[PresentationContext]:
     return contexts[:128]
 
 
-def _source(identity: str | None, path: Path, calling_ae: str) -> IdentitySource:
-    """An instance's stored identity, else its file (and who sent it) to read it from."""
-    return identity if identity is not None else (path, calling_ae)
-
-
-def _patient_key(patient: Patient) -> tuple[str, str, str, str]:
-    return (patient.issuer, patient.patient_id, patient.birth_date, patient.sex)
+def _patient_key(patient: Patient) -> PatientKey:
+    return (patient.issuer, patient.patient_id, patient.birth_date, patient.sex, patient.identity)

@@ -16,14 +16,14 @@ UID, contradicting demographics or INS) is withheld, as routing holds it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
 
 from consent.decision import Outcome, Resolution
-from dicom_node.archive.attributes import attributes_of
+from dicom_node.archive.attributes import attributes_of, issuer_of_patient_id
 from router.decisions import Decide
 from router.facts import IDENTITY_KEYWORDS, patient_facts
 from router.planner import PatientFacts, Resolve
@@ -42,8 +42,6 @@ class ArchivedPatient:
 
 
 ResolveArchived = Callable[[ArchivedPatient], Resolution]
-#: The issuer a calling AE title's peer gives instances without one ("" if unknown).
-IssuerOf = Callable[[str], str]
 
 
 class AccessGate:
@@ -54,12 +52,10 @@ class AccessGate:
         resolve: ResolveArchived,
         decide: Decide,
         resolve_facts: Resolve,
-        issuer_of: IssuerOf,
     ) -> None:
         self._resolve = resolve
         self._decide = decide
         self._resolve_facts = resolve_facts
-        self._issuer_of = issuer_of
 
     def permits(
         self, purpose: str, issuer: str, patient_id: str, birth_date: str, sex: str
@@ -72,11 +68,18 @@ class AccessGate:
             LOG.error("consent check failed: %s", type(exc).__name__)
             return False
 
-    def stored_identity(self, path: Path, calling_ae: str) -> PatientFacts:
-        """The patient identity an archived file carries, read as routing reads it (the
-        sending peer's issuer when the file names none). Raises when unreadable."""
+    def stored_identities(
+        self, path: Path, default_issuers: Sequence[str]
+    ) -> tuple[PatientFacts, ...]:
+        """The patient identity an archived file carries, read as routing reads it: one
+        identity when the file names its issuer, else one per issuer in
+        ``default_issuers`` (each issuer that may have applied when it was stored; every
+        one must be permitted). Raises when the file is unreadable."""
         dataset = dcmread(path, stop_before_pixels=True)
-        return patient_facts(attributes_of(dataset, IDENTITY_KEYWORDS), self._issuer_of(calling_ae))
+        attributes = attributes_of(dataset, IDENTITY_KEYWORDS)
+        if issuer_of_patient_id(attributes):
+            return (patient_facts(attributes, ""),)
+        return tuple(patient_facts(attributes, issuer) for issuer in dict.fromkeys(default_issuers))
 
     def permits_identity(self, purpose: str, identity: PatientFacts) -> bool:
         """Whether ``purpose`` permits the data of the patient ``identity`` designates."""

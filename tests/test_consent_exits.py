@@ -19,7 +19,10 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import click
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
@@ -27,6 +30,7 @@ from sqlalchemy import select, update
 
 from cli.router_commands import _resolve_held
 from config.settings import MatchCondition, PeerSettings, RouteSettings
+from dicom_node.archive.identity import UNSTORABLE
 from dicom_node.archive.models import Instance as ArchivedInstance
 from dicom_node.archive.models import Patient as ArchivedPatient
 from router.consent_sync import ConsentSync
@@ -339,6 +343,129 @@ def test_two_conflicting_ins_in_other_patient_ids_are_held(node) -> None:
     with node.runtime.sessions() as s:
         note = s.scalars(select(ForwardJob.last_error)).all()
     assert state == "held", f"LEAK (forward): contradictory INS, job {state} {note}"
+
+
+def test_held_instance_that_created_a_patient_row_does_not_show_through_it(node) -> None:
+    """X carries consented P-G's Patient ID but refused P-R's INS (held), and reuses
+    P-R's Study Instance UID: it is filed under P-R's study, yet it is the first
+    instance naming P-G, so it creates P-G's archive row with its own name. The row is
+    checked on X's identity (INS included): neither the row nor P-G's genuine study,
+    which shows the row's name, is listed; the row alone, without instances, neither."""
+    ins_r = matricule("1700175123456")
+    add_patient(node, "P-G")
+    add_patient(node, "P-R", sex="M", ins=ins_r, status="QUAL")
+    grant(node, "P-G")
+    refuse(node, "P-R")
+    study_r = generate_uid()
+    w = make_ds("P-R", study_uid=study_r, sex="M", name="REFUSED^PERSON")
+    x = make_ds("P-G", study_uid=study_r, ins=(INS_NIR_OID, ins_r), name="SECRET^REFUSED")
+    study_g = generate_uid()
+    y = make_ds("P-G", study_uid=study_g, name="GENUINE^GRANTED")
+    assert store(node, w, x, y) == [0, 0, 0]
+    jobs = job_states(node.runtime)
+    assert (jobs[x.SOPInstanceUID], jobs[y.SOPInstanceUID]) == ("held", "ready")
+    patients = c_find(
+        node, QR_AE, patient_root=True, QueryRetrieveLevel="PATIENT", PatientID="*", PatientName=""
+    )
+    studies = c_find(
+        node, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study_g, PatientName=""
+    )
+    names = {str(d.PatientName) for d in [*patients, *studies]}
+    assert "SECRET^REFUSED" not in names
+    # the care team sees the row as the archive holds it
+    care = c_find(node, PACS_AE, patient_root=True, QueryRetrieveLevel="PATIENT", PatientID="P-G")
+    assert len(care) == 1
+
+
+def test_instance_whose_identity_cannot_be_stored_is_withheld(node) -> None:
+    """An identity too long for the index (here 20 Other Patient IDs items with INS
+    OIDs) is stored as a marker that no check accepts: the instance is withheld from the
+    purpose-bound peer even though its Patient ID names a consented patient."""
+    add_patient(node, "P-GRANTED")
+    grant(node, "P-GRANTED")
+    ds = make_ds("P-GRANTED", study_uid=generate_uid())
+    ds.OtherPatientIDsSequence = DicomSequence(
+        [_ins_item(f"9{i:014d}", "1.2.250.1.213.1.4.10") for i in range(20)]
+    )
+    assert store(node, ds) == [0]
+    found = node.runtime.index.find_instance(ds.SOPInstanceUID)
+    assert found is not None and found.identity == UNSTORABLE
+    status, got = c_get(
+        node, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=ds.StudyInstanceUID
+    )
+    assert got == set() and status == 0x0124
+
+
+def test_file_check_tries_every_issuer_that_may_have_applied(tmp_path: Path, db_url: str) -> None:
+    """An instance indexed without a stored identity (before schema 0004) and whose file
+    names no issuer: two peers share its sender's AE title with different issuers, and it
+    was filed under the other site's consented patient's study. Every issuer that may
+    have applied is tried, and the refused CHR-METZ patient withholds it."""
+    twin = PeerSettings(
+        "modality-site-a",
+        MODALITY_AE,
+        "10.9.9.9",
+        104,
+        frozenset({"echo", "store"}),
+        issuer="HOSP-A",
+    )
+    settings = make_settings(tmp_path / "data", db_url)
+    settings = replace(
+        settings,
+        peers=(twin, *settings.peers, regional_peer(free_port())),
+        routes=(route_to_regional(),),
+    )
+    running = start_node(settings)
+    try:
+        seed_purpose(running.runtime.consent, PURPOSE)
+        add_patient(running, "P-X", issuer="HOSP-A")
+        add_patient(running, "P-X")
+        grant(running, "P-X", issuer="HOSP-A")
+        refuse(running, "P-X")
+        study = generate_uid()
+        a = make_ds("P-X", study_uid=study, issuer="HOSP-A")
+        x = make_ds("P-X", study_uid=study, issuer=None)
+        assert store(running, a, x) == [0, 0]
+        assert job_states(running.runtime)[x.SOPInstanceUID] == "dropped"
+        with running.runtime.sessions.begin() as session:  # as if indexed before 0004/0005
+            session.execute(update(ArchivedInstance).values(identity=None))
+            session.execute(update(ArchivedPatient).values(identity=None))
+        status, got = c_get(running, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
+        assert got == {a.SOPInstanceUID} and status == 0xB000
+    finally:
+        running.stop()
+        running.runtime.close()
+
+
+def test_held_study_naming_several_patients_is_not_linked_as_a_whole(node) -> None:
+    """An unknown patient's instance and a refused patient's instance with other
+    demographics share a Study Instance UID, both held for reconciliation. Linking the
+    study to the newly registered patient would release the refused patient's instance
+    under someone else's consent: the link is refused with a message; reject works."""
+    add_patient(node, "P-R")
+    refuse(node, "P-R")
+    study = generate_uid()
+    unknown = make_ds("P-UNREG", study_uid=study, name="NEW^PATIENT")
+    foreign = make_ds("P-R", study_uid=study, birth="19851231", sex="M", name="OTHER^ONE")
+    assert store(node, unknown, foreign) == [0, 0]
+    jobs = job_states(node.runtime)
+    assert jobs[unknown.SOPInstanceUID] == jobs[foreign.SOPInstanceUID] == "held"
+    add_patient(node, "P-UNREG")
+    grant(node, "P-UNREG")
+    with pytest.raises(click.ClickException, match="naming 2 different patient"):
+        _resolve_held(node.runtime, study, ISSUER, "P-UNREG", False, "op")
+    assert set(job_states(node.runtime).values()) == {"held"}
+    assert "2 job(s)" in _resolve_held(node.runtime, study, None, None, True, "op")
+
+
+def _ins_item(value: str, oid: str) -> Dataset:
+    item = Dataset()
+    item.PatientID = value
+    qualifier = Dataset()
+    qualifier.UniversalEntityID = oid
+    qualifier.UniversalEntityIDType = "ISO"
+    item.IssuerOfPatientIDQualifiersSequence = DicomSequence([qualifier])
+    return item
 
 
 # ---------------------------------------------------------------- forwarding and retention

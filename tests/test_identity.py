@@ -6,6 +6,7 @@ import pytest
 
 from dicom_node.archive.identity import (
     MAX_STORED,
+    UNSTORABLE,
     PatientIdentity,
     load_identity,
     store_identity,
@@ -29,10 +30,16 @@ def test_round_trip(identity: PatientIdentity) -> None:
     assert load_identity(text) == identity
 
 
-def test_what_cannot_be_stored_is_none() -> None:
-    assert store_identity(PatientIdentity("I", "P" * MAX_STORED, (), "", "")) is None
-    assert store_identity(PatientIdentity("I", "P\x1fQ", (), "", "")) is None
-    assert store_identity(PatientIdentity("I", "P", ((NIR, "1\x1e2"),), "", "")) is None
+def test_what_cannot_be_stored_loads_as_nothing() -> None:
+    """Too long, or a value holding a separator: a marker that no check accepts."""
+    for identity in (
+        PatientIdentity("I", "P" * MAX_STORED, (), "", ""),
+        PatientIdentity("I", "P\x1fQ", (), "", ""),
+        PatientIdentity("I", "P", ((NIR, "1\x1e2"),), "", ""),
+    ):
+        assert store_identity(identity) == UNSTORABLE
+        with pytest.raises(ValueError):
+            load_identity(UNSTORABLE)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ __all__ = [
     "IDENTITY_KEYWORDS",
     "INS_OIDS",
     "MAX_STORED",
+    "UNSTORABLE",
     "PatientIdentity",
     "identity_of",
     "load_identity",
@@ -92,16 +93,22 @@ def identity_of(attributes: ReceivedAttributes, default_issuer: str) -> PatientI
     )
 
 
-def store_identity(identity: PatientIdentity) -> str | None:
-    """The stored form of ``identity``; ``None`` when it would not fit the column or
-    holds a separator (the reader then reads the instance's file instead)."""
+#: The stored form of an identity that has none (too long, or a value holding a
+#: separator): it loads as nothing, so consent checks withhold the instance.
+UNSTORABLE = ""
+
+
+def store_identity(identity: PatientIdentity) -> str:
+    """The stored form of ``identity``; :data:`UNSTORABLE` when it would not fit the
+    column or a value holds a separator (no sender's mistake or trick may turn into a
+    weaker check: such an instance is withheld from every purpose-bound peer)."""
     parts = (identity.issuer, identity.patient_id, identity.birth_date, identity.sex)
     pairs = [f"{oid}{_PAIR}{value}" for oid, value in identity.ins_values]
     values = (*parts, *(v for pair in identity.ins_values for v in pair))
     if any(sep in v for v in values for sep in (_FIELD, _ITEM, _PAIR)):
-        return None
+        return UNSTORABLE
     text = _FIELD.join((*parts, _ITEM.join(pairs)))
-    return text if len(text) <= MAX_STORED else None
+    return text if len(text) <= MAX_STORED else UNSTORABLE
 
 
 def load_identity(text: str) -> PatientIdentity:
@@ -110,7 +117,7 @@ def load_identity(text: str) -> PatientIdentity:
     Raises
     ------
     ValueError
-        ``text`` is not such a form.
+        ``text`` is not such a form (:data:`UNSTORABLE` included).
     """
     fields = text.split(_FIELD)
     if len(fields) != 5:

@@ -151,7 +151,7 @@ class ArchiveIndex:
         known = self._parents.get(header.series_instance_uid)
         with self._writers.transaction() as conn:
             if known is None:
-                parents = self._create_parents(conn, header, issuer)
+                parents = self._create_parents(conn, header, issuer, identity)
             else:
                 parents = (known[0], known[1], False)
             study_pk, series_pk, series_new = parents
@@ -189,7 +189,7 @@ class ArchiveIndex:
         return instance_id
 
     def _create_parents(
-        self, conn: Connection, header: InstanceHeader, issuer: str
+        self, conn: Connection, header: InstanceHeader, issuer: str, identity: str | None
     ) -> tuple[int, int, bool]:
         """Find or create the patient, study and series rows of an instance."""
         dialect_insert = _insert_for(conn)
@@ -202,6 +202,7 @@ class ArchiveIndex:
                 "patient_name": header.patient_name,
                 "birth_date": header.birth_date,
                 "sex": header.sex,
+                "identity": identity,
             },
             ["issuer", "patient_id"],
         )

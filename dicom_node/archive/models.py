@@ -47,6 +47,9 @@ class Patient(ArchiveBase):
     patient_name: Mapped[str] = mapped_column(String(324), default="")
     birth_date: Mapped[str] = mapped_column(String(8), default="")
     sex: Mapped[str] = mapped_column(String(16), default="")
+    # the stored identity (dicom_node.archive.identity) of the instance that created the
+    # row, whose name and demographics the row shows; NULL: created before schema 0005
+    identity: Mapped[str | None] = mapped_column(String(512), nullable=True)
 
     studies: Mapped[list[Study]] = relationship(back_populates="patient")
 
@@ -111,8 +114,8 @@ class Instance(ArchiveBase):
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # the patient identity the instance carries (dicom_node.archive.identity), for the
-    # consent checks of query/retrieve; NULL: unknown (stored before schema 0004, or too
-    # long), the checks read the file
+    # consent checks of query/retrieve; NULL: stored before schema 0004 (the checks read
+    # the file)
     identity: Mapped[str | None] = mapped_column(String(512), nullable=True)
 
     series: Mapped[Series] = relationship(back_populates="instances")
