@@ -4,7 +4,9 @@ the purpose-bound peer ``regional``."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import date
+from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -19,11 +21,13 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from config.settings import MatchCondition, PeerSettings, RouteSettings
+from config.settings import MatchCondition, PeerSettings, RouteSettings, Settings
 from tests.conftest import (
     ISSUER,
     MODALITY_AE,
     RunningNode,
+    free_port,
+    make_settings,
 )
 
 PURPOSE = "regional-sharing"
@@ -243,4 +247,17 @@ def route_to_regional() -> RouteSettings:
         (MatchCondition("calling_ae", "equals", (MODALITY_AE,)),),
         ("regional",),
         purpose=PURPOSE,
+    )
+
+
+def regional_settings(
+    tmp_path: Path, db_url: str | None = None, *, first_peers: tuple[PeerSettings, ...] = ()
+) -> Settings:
+    """The test node's settings plus the purpose-bound peer ``regional`` and the route
+    to it (``first_peers`` listed before the usual peers); SQLite by default."""
+    settings = make_settings(tmp_path / "data", db_url or f"sqlite:///{tmp_path / 'index.db'}")
+    return replace(
+        settings,
+        peers=(*first_peers, *settings.peers, regional_peer(free_port())),
+        routes=(route_to_regional(),),
     )

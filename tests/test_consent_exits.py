@@ -59,20 +59,14 @@ from tests.identity_support import (
     c_move,
     make_ds,
     matricule,
-    regional_peer,
-    route_to_regional,
+    regional_settings,
     store,
 )
 
 
 @pytest.fixture
 def node(tmp_path: Path, db_url: str) -> Iterator[RunningNode]:
-    settings = make_settings(tmp_path / "data", db_url)
-    settings = replace(
-        settings,
-        peers=(*settings.peers, regional_peer(free_port())),
-        routes=(route_to_regional(),),
-    )
+    settings = regional_settings(tmp_path, db_url)
     running = start_node(settings)
     try:
         seed_purpose(running.runtime.consent, PURPOSE)
@@ -409,12 +403,7 @@ def test_file_check_tries_every_issuer_that_may_have_applied(tmp_path: Path, db_
         frozenset({"echo", "store"}),
         issuer="HOSP-A",
     )
-    settings = make_settings(tmp_path / "data", db_url)
-    settings = replace(
-        settings,
-        peers=(twin, *settings.peers, regional_peer(free_port())),
-        routes=(route_to_regional(),),
-    )
+    settings = regional_settings(tmp_path, db_url, first_peers=(twin,))
     running = start_node(settings)
     try:
         seed_purpose(running.runtime.consent, PURPOSE)
@@ -567,13 +556,8 @@ def test_withdrawal_during_association_setup_stops_the_send(tmp_path: Path) -> N
 
 
 def test_reject_then_candidate_refusal_keeps_unconfirmed_instance(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path / "data", f"sqlite:///{tmp_path / 'index.db'}")
-    settings = replace(
-        settings,
-        peers=(*settings.peers, regional_peer(free_port())),
-        routes=(route_to_regional(),),
-        router=replace(settings.router, retention="delete-unneeded"),
-    )
+    settings = regional_settings(tmp_path)
+    settings = replace(settings, router=replace(settings.router, retention="delete-unneeded"))
     node = start_node(settings)
     rt = node.runtime
     try:
@@ -612,12 +596,7 @@ def test_reject_then_candidate_refusal_keeps_unconfirmed_instance(tmp_path: Path
 @pytest.fixture
 def variants_node(tmp_path: Path) -> Iterator[RunningNode]:
     """A node where CHR-METZ "P-123" refused and "123" and "abc" consented."""
-    settings = make_settings(tmp_path / "data", f"sqlite:///{tmp_path / 'index.db'}")
-    settings = replace(
-        settings,
-        peers=(*settings.peers, regional_peer(free_port())),
-        routes=(route_to_regional(),),
-    )
+    settings = regional_settings(tmp_path)
     running = start_node(settings)
     try:
         seed_purpose(running.runtime.consent, PURPOSE)
@@ -665,12 +644,7 @@ def test_no_patient_data_in_ordinary_logs(tmp_path: Path, caplog: pytest.LogCapt
     level, a retrieve and a move to an unknown destination."""
     secrets = ("ZORGLUB", "PID-SECRET-77", "19551122")
     caplog.set_level(logging.INFO)
-    settings = make_settings(tmp_path / "data", f"sqlite:///{tmp_path / 'index.db'}")
-    settings = replace(
-        settings,
-        peers=(*settings.peers, regional_peer(free_port())),
-        routes=(route_to_regional(),),
-    )
+    settings = regional_settings(tmp_path)
     node = start_node(settings)
     try:
         seed_purpose(node.runtime.consent, PURPOSE)
