@@ -10,7 +10,8 @@ from sqlalchemy import Connection
 
 from dicom_node.archive.attributes import ReceivedAttributes
 from dicom_node.archive.header import InstanceHeader
-from router.facts import IDENTITY_KEYWORDS, patient_facts, route_attributes
+from dicom_node.archive.identity import PatientIdentity
+from router.facts import route_attributes
 from router.models import JobState
 from router.planner import Plan, Planner
 from router.queue import JobQueue
@@ -46,23 +47,22 @@ class RoutingHook:
         self._enabled = bool(planner.routes.routes)
 
     def keywords(self) -> frozenset[str]:
-        if not self._enabled:
-            return frozenset()
-        return self._route_keywords | frozenset(IDENTITY_KEYWORDS)
+        # the identity attributes the archive reads for every data set anyway
+        return self._route_keywords if self._enabled else frozenset()
 
     def prepare(
         self,
         attributes: ReceivedAttributes,
         header: InstanceHeader,
         calling_ae: str,
-        default_issuer: str,
+        identity: PatientIdentity,
     ) -> object | None:
         if not self._enabled:
             return None
         plan = self._planner.plan(
             route_attributes(attributes, self._route_keywords),
             calling_ae,
-            patient_facts(attributes, default_issuer),
+            identity,
         )
         return plan if plan.jobs else None
 

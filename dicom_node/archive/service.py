@@ -34,7 +34,12 @@ from dicom_node.archive.header import (
     parse_header,
     scan_dataset,
 )
-from dicom_node.archive.identity import IDENTITY_KEYWORDS, identity_of, store_identity
+from dicom_node.archive.identity import (
+    IDENTITY_KEYWORDS,
+    PatientIdentity,
+    identity_of,
+    store_identity,
+)
 from dicom_node.archive.index import ArchiveIndex
 from dicom_node.archive.journal import IngestJournal, Ticket
 from dicom_node.archive.writer import FileWriter
@@ -116,12 +121,13 @@ class StoreHook(Protocol):
         attributes: ReceivedAttributes,
         header: InstanceHeader,
         calling_ae: str,
-        default_issuer: str,
+        identity: PatientIdentity,
     ) -> object | None:
         """Decide before the transaction; ``None`` when there is nothing to persist.
 
         ``attributes`` holds the values of :meth:`keywords` (``header`` the index
-        attributes).
+        attributes, ``identity`` the patient identity the data set carries, the sending
+        peer's issuer applied).
         """
         ...
 
@@ -207,9 +213,7 @@ class Archive:
         identity = identity_of(attributes, default_issuer)
         hook = self.hook
         prepared = (
-            hook.prepare(attributes, header, calling_ae, default_issuer)
-            if hook is not None
-            else None
+            hook.prepare(attributes, header, calling_ae, identity) if hook is not None else None
         )
         chunks = (meta, dataset)
         size = len(meta) + len(dataset)
