@@ -21,6 +21,7 @@ from consent.errors import ConsentError
 from consent.identity import parse_iso_date
 
 if TYPE_CHECKING:
+    from cli.runtime import Runtime
     from consent.service import ConsentStore
 
 _CHANNELS = ("desk", "remote", "paper", "cli", "api")
@@ -40,10 +41,16 @@ def _first_line(exc: BaseException) -> str:
 @contextmanager
 def _store(ctx: click.Context) -> Iterator[ConsentStore]:
     """A :class:`ConsentStore` on the configured database; errors become one line."""
+    with _runtime(ctx) as runtime:
+        yield runtime.consent
 
+
+@contextmanager
+def _runtime(ctx: click.Context) -> Iterator[Runtime]:
+    """The process's services; consent and database errors become one line."""
     runtime = ctx.obj.runtime()
     try:
-        yield runtime.consent
+        yield runtime
     except ConsentError as exc:
         raise _cli_error(str(exc)) from None
     except SQLAlchemyError as exc:
@@ -498,10 +505,18 @@ def consent_export_fhir(
 def consent_entered_in_error(
     ctx: click.Context, event_id: int, reason: str, by: str | None
 ) -> None:
-    """Mark consent event EVENT_ID as recorded by mistake (wrong patient, wrong purpose)."""
-    with _store(ctx) as store:
-        marker = store.mark_entered_in_error(event_id, actor=_actor(by), reason=reason)
-    click.echo(f"event {event_id} marked entered-in-error (event {marker})")
+    """Mark consent event EVENT_ID as recorded by mistake (wrong patient, wrong purpose).
+
+    When it was a refusal or withdrawal, the forward jobs it dropped are queued again
+    (held, when the patient has not decided).
+    """
+    from cli.router_commands import restore_retracted
+
+    actor = _actor(by)
+    with _runtime(ctx) as runtime:
+        marker = runtime.consent.mark_entered_in_error(event_id, actor=actor, reason=reason)
+        click.echo(f"event {event_id} marked entered-in-error (event {marker})")
+        click.echo(restore_retracted(runtime, event_id, actor))
 
 
 # ---------------------------------------------------------------------- audit

@@ -18,9 +18,11 @@ from consent.decision import Outcome
 from dicom_node.archive.attributes import attributes_of
 from dicom_node.archive.identity import load_identity
 from dicom_node.archive.models import Instance, Patient, Series, Study
+from router.consent_sync import Restore, restore_after_retraction
 from router.decisions import failed
 from router.facts import IDENTITY_KEYWORDS, patient_facts, route_attributes
 from router.models import ForwardJob, HoldReason, JobState
+from router.queue import CONSENT_DROP_PREFIX
 
 if TYPE_CHECKING:
     from cli.runtime import Runtime
@@ -203,6 +205,57 @@ def queue_drop(ctx: click.Context, job_ids: tuple[int, ...], reason: str, by: st
     click.echo(f"{count} job(s) dropped")
 
 
+@queue_group.command("restore")
+@click.argument("event_id", type=int)
+@click.option("--by", default=None, metavar="NAME")
+@click.pass_context
+def queue_restore(ctx: click.Context, event_id: int, by: str | None) -> None:
+    """Queue again the jobs dropped by refusal EVENT_ID, marked entered-in-error.
+
+    'consent entered-in-error' does this itself; run it when that step failed.
+    """
+    actor = _actor(by)
+    with _runtime(ctx) as runtime:
+        message = restore_retracted(runtime, event_id, actor)
+    click.echo(message)
+
+
+def restore_retracted(runtime: Runtime, event_id: int, actor: str) -> str:
+    """Restore the jobs a retracted refusal dropped (see
+    :func:`router.consent_sync.restore_after_retraction`); audited; returns the line to
+    print. Raises a CLI error when the event is not a retracted decision or the consent
+    decision fails."""
+    window = runtime.consent.retracted_window(event_id)
+    if window is None:
+        raise _error(f"event {event_id} is not a consent decision marked entered-in-error")
+    outcome, count = restore_after_retraction(runtime.queue, runtime.consent.decide, window)
+    if outcome is Restore.DECISION_FAILED:
+        raise _error(
+            "the consent decision failed (database error): no job restored; run "
+            f"'consentgate queue restore {event_id}' again"
+        )
+    if outcome is Restore.NOT_A_REFUSAL:
+        return "the retracted decision was a permit: no job to restore"
+    if outcome is Restore.STILL_REFUSED:
+        return (
+            f"the patient's consent for {window.purpose} is still refused: the jobs the "
+            "retracted refusal dropped stay dropped"
+        )
+    if count:
+        runtime.consent.audit(
+            actor=actor,
+            action="queue.restore",
+            target=f"event:{event_id}",
+            details={"patient": window.patient_pk, "purpose": window.purpose, "count": count},
+        )
+    if outcome is Restore.HELD:
+        return (
+            f"{count} job(s) dropped by the retracted refusal held again: the patient has "
+            f"not decided for {window.purpose}"
+        )
+    return f"{count} job(s) dropped by the retracted refusal queued again"
+
+
 # -- held ----------------------------------------------------------------------------
 
 
@@ -342,13 +395,15 @@ def _resolve_held(
     summary = []
     for purpose, ids in ids_by_purpose.items():
         decision = runtime.consent.decide(patient_pk, purpose)
+        note = f"reconciled by {actor}"
         if decision.outcome is Outcome.PERMIT:
             state, hold = JobState.READY, ""
         elif decision.outcome is Outcome.DENY and not failed(decision):
             state, hold = JobState.DROPPED, ""
+            note = f"{CONSENT_DROP_PREFIX}: {decision.reason} ({note})"
         else:  # undecided, or the decision failed: held, decided again by the sweep
             state, hold = JobState.HELD, HoldReason.CONSENT.value
-        runtime.queue.relink(ids, patient_pk, state, hold, f"reconciled by {actor}")
+        runtime.queue.relink(ids, patient_pk, state, hold, note)
         summary.append(f"{len(ids)} job(s) for {purpose}: {state.value}")
     details.update({"patient_pk": patient_pk, "result": "linked"})
     runtime.consent.audit(actor=actor, action="held.link", target=study_uid, details=details)

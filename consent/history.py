@@ -8,6 +8,8 @@ retraction). The mapping of an entry to a FHIR ``Consent`` is in :mod:`consent.f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -20,8 +22,26 @@ from consent.patients import require_patient
 from consent.purposes import require_purpose
 
 
+@dataclass(frozen=True)
+class RetractedWindow:
+    """The time during which a decision later retracted (entered-in-error) was the
+    patient's current decision for its purpose.
+
+    ``start`` is when the decision was recorded; ``end`` when the next decision that still
+    stands was recorded for the same patient and purpose (``None``: none since, so the
+    window lasts until the retraction).
+    """
+
+    event_id: int
+    patient_pk: int
+    purpose: str
+    decision: str
+    start: datetime
+    end: datetime | None
+
+
 class ConsentHistory:
-    """Answers ``history`` and ``export_fhir``."""
+    """Answers ``history``, ``export_fhir`` and ``retracted_window``."""
 
     def __init__(self, read_sessions: sessionmaker[Session]) -> None:
         self._read_sessions = read_sessions
@@ -91,6 +111,41 @@ class ConsentHistory:
                 }
             )
         return entries
+
+    def retracted_window(self, event_id: int) -> RetractedWindow | None:
+        """When the retracted decision ``event_id`` was in force, or ``None`` if that event
+        is unknown, is a retraction itself, or is not retracted."""
+        with self._read_sessions() as session:
+            event = session.get(ConsentEvent, event_id)
+            if event is None or event.status != "active":
+                return None
+            rows = session.execute(
+                select(ConsentEvent.id, ConsentEvent.status, ConsentEvent.supersedes_pk)
+                .where(
+                    ConsentEvent.patient_pk == event.patient_pk,
+                    ConsentEvent.purpose_pk == event.purpose_pk,
+                    ConsentEvent.id >= event_id,
+                )
+                .order_by(ConsentEvent.id)
+            ).all()
+            retracted = {sup for _, status, sup in rows if status == "entered-in-error"}
+            if event_id not in retracted:
+                return None
+            following = next(
+                (
+                    pk
+                    for pk, status, _ in rows
+                    if pk > event_id and status == "active" and pk not in retracted
+                ),
+                None,
+            )
+            end = None
+            if following is not None:
+                end = session.get_one(ConsentEvent, following).recorded_at
+            purpose = session.get_one(Purpose, event.purpose_pk)
+            return RetractedWindow(
+                event_id, event.patient_pk, purpose.code, event.decision, event.recorded_at, end
+            )
 
     def export_fhir(self, issuer: str, patient_id: str) -> list[dict[str, Any]]:
         """The patient's consent decisions as FHIR R4 ``Consent`` resources (JSON-ready).

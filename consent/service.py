@@ -37,7 +37,7 @@ Where each method lives
     ``record_consent``, ``grant``, ``refuse``, ``withdraw``,  :mod:`consent.records`
     ``mark_entered_in_error``, ``rebuild_state``
     ``decide``, ``decide_many``, ``current``, ``close``       :mod:`consent.decider`
-    ``history``, ``export_fhir``                              :mod:`consent.history`
+    ``history``, ``export_fhir``, ``retracted_window``        :mod:`consent.history`
     ``subscribe``, ``last_event_id``, ``changes_since``       :mod:`consent.feed`
     ``resolve_dicom_patient``                                 :mod:`consent.resolution`
     ``audit``, ``verify_audit``                               here, on :mod:`consent.audit`
@@ -159,6 +159,7 @@ class ConsentStore:
 
         self.history = history.history
         self.export_fhir = history.export_fhir
+        self.retracted_window = history.retracted_window
 
         self.subscribe = feed.subscribe
         self.last_event_id = feed.last_event_id

@@ -6,6 +6,9 @@ consent store's listeners; changes made by another process (the CLI, another nod
 picked up by polling the consent event log. A periodic sweep re-decides every held job,
 so a missed notification (a crash between commit and reaction) is repaired.
 
+A refusal retracted as entered-in-error puts back the jobs it dropped
+(:func:`restore_after_retraction`, called by whoever records the retraction).
+
 After a refusal or withdrawal has dropped jobs, the retention policy (``[router]
 retention``, :mod:`router.retention`) may delete the local copies no job needs any more.
 """
@@ -14,14 +17,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from enum import StrEnum
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from consent.decision import ConsentChange, Outcome
+from consent.history import RetractedWindow
 from router.decisions import Decide, failed
 from router.models import ForwardJob, HoldReason, JobState
-from router.queue import JobQueue
+from router.queue import CONSENT_DROP_PREFIX, JobQueue
 from router.retention import Retention
 
 LOG = logging.getLogger(__name__)
@@ -56,7 +61,7 @@ class ConsentSync:
                 self._wake()
             return count
         if change.outcome is Outcome.DENY:
-            reason = "consent refused or withdrawn"
+            reason = f"{CONSENT_DROP_PREFIX}: refused or withdrawn"
             count = self._queue.drop_for_consent(change.patient_pk, change.purpose_code, reason)
             if self._retention is not None:
                 _apply_retention(self._retention, change, reason)
@@ -92,6 +97,45 @@ class ConsentSync:
             if decision.outcome is not Outcome.UNDECIDED and not failed(decision):
                 affected += self.apply(ConsentChange(patient_pk, purpose, decision.outcome))
         return affected
+
+
+class Restore(StrEnum):
+    """What :func:`restore_after_retraction` did."""
+
+    RELEASED = "released"  # the jobs the refusal dropped are ready to send again
+    HELD = "held"  # they are held again: the patient has not decided (opt-in purpose)
+    NOT_A_REFUSAL = "not a refusal"  # the retracted decision was a permit: nothing dropped
+    STILL_REFUSED = "still refused"  # the current decision is a refusal: they stay dropped
+    DECISION_FAILED = "decision failed"  # could not decide (database error): try again
+
+
+def restore_after_retraction(
+    queue: JobQueue, decide: Decide, window: RetractedWindow
+) -> tuple[Restore, int]:
+    """A refusal retracted as entered-in-error: put back what it dropped.
+
+    The jobs it dropped while it was the current decision (``window``) are held for
+    consent again, then released at once when the decision now permits; they stay held
+    when it is undecided. Nothing is restored while the patient's decision is still a
+    refusal (a later one, or the one before), nor when the retracted decision was a
+    permit. Returns what was done and the number of jobs restored. Running it again
+    restores nothing more (those jobs are no longer dropped). A copy that the retention
+    policy deleted after the mistaken refusal is gone with its jobs: it can only be sent
+    again.
+    """
+    if window.decision != "deny":
+        return Restore.NOT_A_REFUSAL, 0
+    decision = decide(window.patient_pk, window.purpose)
+    if failed(decision):
+        return Restore.DECISION_FAILED, 0
+    if decision.outcome is Outcome.DENY:
+        return Restore.STILL_REFUSED, 0
+    count = queue.restore_consent_drops(window.patient_pk, window.purpose, window.start, window.end)
+    if decision.outcome is not Outcome.PERMIT:
+        return Restore.HELD, count
+    if count:
+        queue.release_for_consent(window.patient_pk, window.purpose)
+    return Restore.RELEASED, count
 
 
 def _apply_retention(retention: Retention, change: ConsentChange, reason: str) -> None:

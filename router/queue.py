@@ -35,6 +35,9 @@ from router.models import ForwardJob, HoldReason, JobState
 
 Clock = Callable[[], datetime]
 
+# every job dropped by a consent decision has a reason starting with this
+CONSENT_DROP_PREFIX = "consent"
+
 
 def utcnow() -> datetime:
     """The current time in UTC."""
@@ -377,6 +380,35 @@ class JobQueue:
             ],
             state=JobState.DROPPED.value,
             last_error=reason[:255],
+        )
+
+    def restore_consent_drops(
+        self, patient_pk: int, purpose: str, since: datetime, until: datetime | None
+    ) -> int:
+        """Jobs of this patient and purpose that a consent decision dropped between
+        ``since`` and ``until`` (``None``: up to now) are held for consent again.
+
+        For a refusal retracted as entered-in-error: what it dropped was never refused.
+        Only drops for consent count (their reason starts with ``consent``), not an
+        operator's ``queue drop`` nor a reconciliation ``--reject``; a dropped job is final,
+        so its ``updated_at`` is when it was dropped. The jobs come back *held*: only a
+        permit releases them, and the forwarder decides again before sending.
+        """
+        conditions = [
+            ForwardJob.patient_pk == patient_pk,
+            ForwardJob.purpose == purpose,
+            ForwardJob.state == JobState.DROPPED.value,
+            ForwardJob.last_error.startswith(CONSENT_DROP_PREFIX, autoescape=True),
+            ForwardJob.updated_at >= since,
+        ]
+        if until is not None:
+            conditions.append(ForwardJob.updated_at < until)
+        return self._bulk(
+            conditions,
+            state=JobState.HELD.value,
+            hold_reason=HoldReason.CONSENT.value,
+            last_error="consent: the refusal that dropped it was entered in error",
+            next_attempt_at=self._clock(),
         )
 
     def _bulk(self, conditions: Sequence[Any], *, bookkeeping: bool = False, **values: Any) -> int:

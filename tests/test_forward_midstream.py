@@ -1,10 +1,10 @@
 """A withdrawal in the middle of a stream: jobs already claimed by the forwarder (state
 ``sending``) are not sent, because consent is decided again immediately before each send.
 
-The destination holds the first C-STORE until the whole series is stored, so that the
-forwarder's next claim takes every remaining job; it holds the second C-STORE while the
-patient withdraws and the node applies the withdrawal. Only the instances that were
-already on the wire may arrive.
+The first instance is stored alone and the destination holds its C-STORE until the rest
+of the series is stored, so that the forwarder's next claim takes every remaining job; it
+holds the second C-STORE while the patient withdraws and the node applies the withdrawal.
+Only the instances that were already on the wire may arrive.
 """
 
 from __future__ import annotations
@@ -52,10 +52,11 @@ def test_withdrawal_stops_jobs_already_claimed(tmp_path: Path, db_url: str) -> N
         store.grant(**consent)
         node = NodeProcess(runtime, forwarder_options=FAST_FORWARD, sync_interval=0.1)
         host, port = node.start()
-        # the first instance is held at the destination while the rest are stored: the
-        # forwarder's next claim takes all of them
-        send_storescu(host, port, [f.path for f in series])
+        # the first instance is stored alone and held at the destination while the rest
+        # are stored: the forwarder's next claim takes all of them
+        send_storescu(host, port, [series[0].path])
         assert dest.arrived[0].wait(15), "the forwarder never sent the first instance"
+        send_storescu(host, port, [f.path for f in series[1:]])
         dest.release[0].set()
         assert dest.arrived[1].wait(15), "the forwarder never sent the second instance"
         claimed = [u for u, s in job_states(runtime).items() if s == JobState.SENDING.value]

@@ -8,22 +8,26 @@ SQLite and PostgreSQL.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 from pydicom import dcmread
 from sqlalchemy import select
 
 from cli.main import cli
-from cli.router_commands import _resolve_held
+from cli.router_commands import _resolve_held, restore_retracted
 from cli.runtime import Runtime, build_runtime
 from config.settings import load_settings
 from consent.decision import Decision, Outcome
 from consent.models import AuditEntry
-from router.models import JobState
+from dicom_node.archive.models import Instance
+from router.consent_sync import ConsentSync
+from router.models import ForwardJob, JobState
 from tests.conftest import (
     ISSUER,
     MODALITY_AE,
@@ -38,6 +42,7 @@ from tests.conftest import (
 from tests.corpus import CorpusFile, make_small_series
 
 PURPOSE = "regional-sharing"
+PERMIT_REUSE = 2.1  # seconds: longer than the planner reuses a permit (router.planner)
 STATES = [s.value for s in JobState]  # the column order of `queue stats`
 
 Run = Callable[..., Result]
@@ -426,3 +431,161 @@ def test_held_resolve_keeps_jobs_held_when_the_decision_fails(
     out = _resolve_held(env.runtime, env.study("unknown"), ISSUER, "P-GRANTED", False, "bob")
     assert out.endswith(f"for {PURPOSE}: held")
     assert env.states("unknown") == {JobState.HELD}
+
+
+# -- a refusal entered in error ------------------------------------------------------
+
+
+def _sync(env: Env) -> ConsentSync:
+    """The node's consent reaction (no retention: copies are kept)."""
+    rt = env.runtime
+    return ConsentSync(
+        rt.queue, rt.sessions, rt.consent.decide, rt.consent.changes_since, rt.consent.last_event_id
+    )
+
+
+def _decide(env: Env, patient_id: str, action: str) -> int:
+    """Record a grant or refusal for PURPOSE; return its event id."""
+    record = getattr(env.runtime.consent, action)
+    return int(
+        record(issuer=ISSUER, patient_id=patient_id, purpose=PURPOSE, channel="cli", actor="t")
+    )
+
+
+def _later_study(env: Env, role: str, patient_id: str, seed: int, count: int = 2) -> None:
+    env.files[role] = make_small_series(env.tmp / role, count, patient_id=patient_id, seed=seed)
+
+
+def _job_ids(env: Env, role: str) -> list[int]:
+    with env.runtime.sessions() as session:
+        return list(
+            session.scalars(
+                select(ForwardJob.id)
+                .join(Instance, Instance.id == ForwardJob.instance_pk)
+                .where(Instance.sop_instance_uid.in_(env.uids(role)))
+            )
+        )
+
+
+def _job_state(env: Env, job_id: int) -> str:
+    with env.runtime.sessions() as session:
+        return session.get_one(ForwardJob, job_id).state
+
+
+def test_entered_in_error_refusal_restores_what_it_dropped(env: Env) -> None:
+    """A refusal recorded by mistake dropped a consented patient's jobs (queued ones, and
+    those of a study stored while it stood); retracting it queues them again. A job an
+    operator dropped stays dropped; running the restore again changes nothing."""
+    sync = _sync(env)
+    _later_study(env, "after", "P-GRANTED", 70)
+    _later_study(env, "operator", "P-GRANTED", 71, count=1)
+    env.store("granted", "operator")
+    assert env.states("granted") == {JobState.READY}
+    operator_job = _job_ids(env, "operator")[0]
+    ok(env.run("queue", "drop", operator_job, "--reason", "sent by hand", "--by", "ops"))
+
+    wrong = _decide(env, "P-GRANTED", "refuse")
+    sync.poll()
+    time.sleep(PERMIT_REUSE)  # the planner no longer reuses the permit it saw last
+    env.store("after")  # stored while the refusal stood: created dropped
+    assert env.states("granted") == env.states("after") == {JobState.DROPPED}
+
+    out = ok(
+        env.run("consent", "entered-in-error", wrong, "--reason", "wrong patient", "--by", "desk1")
+    )
+    assert out.splitlines() == [
+        f"event {wrong} marked entered-in-error (event {wrong + 1})",
+        "4 job(s) dropped by the retracted refusal queued again",
+    ]
+    assert env.states("granted") == env.states("after") == {JobState.READY}
+    assert _job_state(env, operator_job) == JobState.DROPPED
+    with env.runtime.sessions() as session:
+        entry = session.scalars(
+            select(AuditEntry).where(AuditEntry.action == "queue.restore")
+        ).one()
+    assert entry.actor == "desk1" and entry.target == f"event:{wrong}"
+    assert json.loads(entry.details)["count"] == 4
+
+    assert ok(env.run("queue", "restore", wrong)).strip() == (
+        "0 job(s) dropped by the retracted refusal queued again"
+    )
+    one_line_error(env.run("queue", "restore", wrong + 1), "not a consent decision marked")
+    one_line_error(env.run("queue", "restore", 999_999), "not a consent decision marked")
+
+
+def test_restore_covers_only_the_time_the_retracted_refusal_stood(env: Env) -> None:
+    """refuse (mistake) -> grant -> refuse -> grant: retracting the first refusal restores
+    what it dropped, not what the second, genuine refusal dropped."""
+    sync = _sync(env)
+    _later_study(env, "second", "P-GRANTED", 72)
+    env.store("granted")
+    wrong = _decide(env, "P-GRANTED", "refuse")
+    sync.poll()
+    _decide(env, "P-GRANTED", "grant")
+    sync.poll()
+    env.store("second")
+    _decide(env, "P-GRANTED", "refuse")
+    sync.poll()
+    _decide(env, "P-GRANTED", "grant")
+    sync.poll()
+    assert env.states("granted") == env.states("second") == {JobState.DROPPED}
+
+    out = ok(env.run("consent", "entered-in-error", wrong, "--reason", "wrong patient"))
+    assert out.splitlines()[1] == "2 job(s) dropped by the retracted refusal queued again"
+    assert env.states("granted") == {JobState.READY}
+    assert env.states("second") == {JobState.DROPPED}
+
+
+def test_restore_after_retraction_holds_stays_or_refuses(env: Env) -> None:
+    """Opt-in purpose, the refusal was the patient's only decision: the jobs come back
+    held. A duplicate refusal retracted: the first still stands, nothing comes back. A
+    retracted permit: nothing to restore."""
+    sync = _sync(env)
+    wrong = _decide(env, "P-NEVER", "refuse")
+    sync.poll()
+    env.store("never", "refused")
+    assert env.states("never") == env.states("refused") == {JobState.DROPPED}
+    out = ok(env.run("consent", "entered-in-error", wrong, "--reason", "wrong patient"))
+    assert out.splitlines()[1] == (
+        f"2 job(s) dropped by the retracted refusal held again: the patient has not decided "
+        f"for {PURPOSE}"
+    )
+    assert env.states("never") == {JobState.HELD}
+
+    duplicate = _decide(env, "P-REFUSED", "refuse")
+    out = ok(env.run("consent", "entered-in-error", duplicate, "--reason", "twice"))
+    assert out.splitlines()[1] == (
+        f"the patient's consent for {PURPOSE} is still refused: the jobs the retracted "
+        "refusal dropped stay dropped"
+    )
+    assert env.states("refused") == {JobState.DROPPED}
+
+    grant = _decide(env, "P-GRANTED", "grant")
+    out = ok(env.run("consent", "entered-in-error", grant, "--reason", "wrong patient"))
+    assert out.splitlines()[1] == "the retracted decision was a permit: no job to restore"
+
+
+def test_restore_fails_closed_and_can_be_run_again(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The consent decision fails while restoring: nothing is restored and the operator
+    is told how to finish; `queue restore` does it once the database answers."""
+    sync = _sync(env)
+    env.store("granted")
+    wrong = _decide(env, "P-GRANTED", "refuse")
+    sync.poll()
+    env.runtime.consent.mark_entered_in_error(wrong, actor="desk1", reason="wrong patient")
+    real = env.runtime.consent.decide
+    monkeypatch.setattr(
+        env.runtime.consent,
+        "decide",
+        lambda _pk, _purpose: Decision(Outcome.DENY, "error: OperationalError"),
+    )
+    with pytest.raises(click.ClickException, match=f"queue restore {wrong}' again"):
+        restore_retracted(env.runtime, wrong, "desk1")
+    assert env.states("granted") == {JobState.DROPPED}
+    monkeypatch.setattr(env.runtime.consent, "decide", real)
+    assert ok(env.run("queue", "restore", wrong)).strip() == (
+        "2 job(s) dropped by the retracted refusal queued again"
+    )
+    assert env.states("granted") == {JobState.READY}
