@@ -180,16 +180,23 @@ class DestinationWorker(threading.Thread):
             self._queue.hold(job, self._owner, f"consent: {decision.reason}")
         return False
 
+    def _retry_later(self, job: ClaimedJob, reason: str, *, permanent: bool = False) -> None:
+        """A send that did not happen (destination down, refused, no answer) is retried
+        only while consent still allows it: a withdrawal applied while this job was
+        claimed drops it now, not when the destination answers again."""
+        if self._consent_allows(job):
+            self._queue.retry_later(job, self._owner, reason, permanent=permanent)
+
     def _process_one(self, job: ClaimedJob, batch: list[ClaimedJob]) -> None:
         path = self._files.absolute(job.path, size=job.size)
         if self._unreachable:  # one connection attempt per batch, not one per job
-            self._queue.retry_later(job, self._owner, self._unreachable)
+            self._retry_later(job, self._unreachable)
             return
         try:
             link = self._ensure_link(job, batch)
         except ScuError as exc:
             self._unreachable = str(exc)
-            self._queue.retry_later(job, self._owner, str(exc))
+            self._retry_later(job, str(exc))
             return
         code: int | None
         try:
@@ -197,9 +204,8 @@ class DestinationWorker(threading.Thread):
             if not link.sender.accepts(job.sop_class_uid, job.transfer_syntax_uid):
                 payload = _decompressed(path, job, link)
                 if payload is None:
-                    self._queue.retry_later(
+                    self._retry_later(
                         job,
-                        self._owner,
                         "destination accepts neither the stored nor an uncompressed syntax",
                         permanent=True,
                     )
@@ -219,19 +225,19 @@ class DestinationWorker(threading.Thread):
                 code = int(status.Status) if status is not None and "Status" in status else None
         except (OSError, ValueError, AttributeError, RuntimeError) as exc:
             self._drop_link()
-            self._queue.retry_later(job, self._owner, f"send failed: {type(exc).__name__}")
+            self._retry_later(job, f"send failed: {type(exc).__name__}")
             return
         link.last_used = time.monotonic()
         if code is None:
             # no response: association lost or the response went astray; resend later
             self._drop_link()
-            self._queue.retry_later(job, self._owner, "no C-STORE response")
+            self._retry_later(job, "no C-STORE response")
         elif code == 0x0000 or (code & 0xF000) == 0xB000:
             self._acknowledged.append(job.id)
             if len(self._acknowledged) >= _ACK_BATCH:
                 self._record_acknowledged()
         else:
-            self._queue.retry_later(job, self._owner, f"destination answered 0x{code:04X}")
+            self._retry_later(job, f"destination answered 0x{code:04X}")
 
     def _ensure_link(self, job: ClaimedJob, batch: list[ClaimedJob]) -> _Link:
         link = self._link

@@ -12,18 +12,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from config.settings import PeerSettings, RouteSettings
+from router.forwarder import DestinationWorker, new_owner
 from router.models import JobState
 from tests.conftest import (
     FAST_FORWARD,
     FAST_RETRY,
     ISSUER,
+    MODALITY_AE,
     GatedScp,
+    free_port,
     job_states,
     make_settings,
     prepare_runtime,
     seed_patient,
     seed_purpose,
     send_storescu,
+    store_files,
     wait_until,
     with_routes,
 )
@@ -89,3 +93,50 @@ def test_withdrawal_stops_jobs_already_claimed(tmp_path: Path, db_url: str) -> N
             node.stop(grace=1.0)
         runtime.close()
         dest.stop()
+
+
+def test_claimed_jobs_for_a_down_destination_are_dropped_once_consent_is_withdrawn(
+    tmp_path: Path, db_url: str
+) -> None:
+    """The destination is down and the patient withdraws while the forwarder holds the
+    jobs (so the node's reaction to the withdrawal found them ``sending`` and left them):
+    the failed attempt drops them, instead of queueing them again until the destination
+    answers."""
+    series = make_small_series(tmp_path / "series", 4, patient_id="P-DOWN", seed=78)
+    down = PeerSettings("dest", "DOWNDEST", "127.0.0.1", free_port(), frozenset({"echo"}))
+    settings = with_routes(
+        make_settings(tmp_path / "data", db_url),
+        [RouteSettings("regional", (), ("dest",), PURPOSE)],
+        [down],
+    )
+    runtime = prepare_runtime(settings, FAST_RETRY)
+    consent = dict(issuer=ISSUER, patient_id="P-DOWN", purpose=PURPOSE, channel="cli", actor="t")
+    forwarder: DestinationWorker | None = None
+    try:
+        seed_purpose(runtime.consent, PURPOSE)
+        seed_patient(runtime.consent, "P-DOWN")
+        runtime.consent.grant(**consent)
+        store_files(runtime, series, MODALITY_AE, ISSUER)
+        assert set(job_states(runtime).values()) == {JobState.READY.value}
+        runtime.consent.withdraw(**consent)  # no consent sync runs: the jobs stay ready
+        forwarder = DestinationWorker(
+            settings.node,
+            down,
+            runtime.queue,
+            runtime.files,
+            runtime.consent.decide,
+            FAST_FORWARD,
+            new_owner(),
+        )
+        forwarder.start()
+        wait_until(
+            lambda: set(job_states(runtime).values()) == {JobState.DROPPED.value},
+            10,
+            "the withdrawn patient's jobs to be dropped at their failed attempt",
+        )
+        assert all(j.attempts == 0 for j in runtime.queue.list_jobs(destination="dest"))
+    finally:
+        if forwarder is not None:
+            forwarder.stop()
+            forwarder.join(10)
+        runtime.close()
