@@ -820,7 +820,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = new_parser("python -m bench.run_forward", __doc__)
     p.add_argument("--ct", type=int, default=None, help="CT instances (~0.5 MB), default 1000")
     p.add_argument("--small", type=int, default=None, help="small instances (~10 kB), default 1000")
-    p.add_argument("--repeats", type=int, default=None, help="runs per cell (median), default 5")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="runs per cell (median), default 6: even, so that each consentgate variant "
+        "runs first in half of them",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
@@ -855,7 +861,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     quick = {"ct": 200, "small": 500, "repeats": 1}
-    full = {"ct": 1000, "small": 1000, "repeats": 5}
+    full = {"ct": 1000, "small": 1000, "repeats": 6}
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
