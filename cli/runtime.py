@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -45,6 +46,29 @@ from router.hook import RoutingHook, Wakeups
 from router.planner import PatientFacts, Planner
 from router.queue import JobQueue, RetryPolicy
 from router.routes import RouteTable
+
+LOG = logging.getLogger(__name__)
+
+
+def replay_issuer(settings: Settings, calling_ae: str) -> str:
+    """The default issuer for an instance stored again from the journal.
+
+    The journal keeps the sending AE title, not the sender's address. When the peers with
+    that AE title do not all have the same issuer, the one applied when the instance was
+    received cannot be told: none is applied, so that its patient resolves to nobody
+    (held for reconciliation where a route needs consent, withheld from purpose-bound
+    peers) rather than to another issuer's patient of the same Patient ID.
+    """
+    issuers = {p.issuer for p in settings.peers if p.ae_title == calling_ae}
+    if len(issuers) == 1:
+        return issuers.pop()
+    if issuers:
+        LOG.warning(
+            "journal replay: the peers with AE title %s have different issuers; an "
+            "instance they sent is indexed again without a default issuer",
+            calling_ae,
+        )
+    return ""
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -303,14 +327,13 @@ class Ingest:
             raise InvalidInstance(f"unreadable file meta ({type(exc).__name__})") from None
         dataset_start = 144 + int.from_bytes(part10[140:144], "little")
         calling_ae = str(meta.get("SourceApplicationEntityTitle", "") or "").strip()
-        peer = next((p for p in self._runtime.settings.peers if p.ae_title == calling_ae), None)
         self._runtime.archive.store(
             memoryview(part10)[dataset_start:],
             transfer_syntax_uid=syntax,
             command_sop_class_uid=sop_class,
             command_sop_instance_uid=sop_instance,
             calling_ae=calling_ae,
-            default_issuer=peer.issuer if peer is not None else "",
+            default_issuer=replay_issuer(self._runtime.settings, calling_ae),
         )
 
     def stop(self) -> None:

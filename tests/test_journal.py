@@ -24,6 +24,7 @@ from sqlalchemy import create_engine, delete, select, update
 from cli.ops_http import health
 from cli.runtime import Ingest, build_runtime
 from config.settings import ConfigError, load_settings
+from dicom_node.archive.identity import load_identity
 from dicom_node.archive.journal import _RECORD_HEADER, IngestJournal, JournalLocked
 from dicom_node.archive.models import Instance, Series, Study
 from dicom_node.errors import StorageFailure
@@ -478,3 +479,58 @@ def test_bad_journal_segment_size_names_the_key(tmp_path: Path, value: str) -> N
         load_settings(config)
     assert str(config) in str(raised.value)
     assert os.linesep not in str(raised.value).strip()
+
+
+@pytest.mark.parametrize(
+    ("issuers", "expected"),
+    [(("HOSP-A", "HOSP-A"), "HOSP-A"), (("HOSP-A", "HOSP-B"), "")],
+    ids=["same-issuer", "different-issuers"],
+)
+def test_replay_applies_a_peer_issuer_only_when_the_ae_title_names_one(
+    tmp_path: Path, issuers: tuple[str, str], expected: str
+) -> None:
+    """The journal keeps the sending AE title, not the address. Two peers share the AE
+    title from two hosts: with one issuer between them, an instance indexed again by the
+    replay gets it; with two, it gets none (its patient resolves to nobody) rather than
+    the first peer's, which could name another patient with the same Patient ID."""
+    db_url = f"sqlite:///{tmp_path / 'index.db'}"
+    peers: list[dict[str, object]] = [
+        {
+            "name": f"modality-{n}",
+            "ae_title": "MODALITY",  # the child's calling AE title
+            "host": f"127.0.0.{n}",
+            "port": 104,
+            "services": ["echo", "store"],
+            "issuer": issuer,
+        }
+        for n, issuer in enumerate(issuers, start=1)
+    ]
+    config = write_config(
+        tmp_path / "cg.toml",
+        tmp_path / "data",
+        db_url,
+        dicom_port=free_port(),
+        http_port=free_port(),
+        peers=peers,
+    )
+    prepare_runtime(load_settings(config)).close()
+    files = make_small_series(tmp_path / "small", 2)
+    for f in files:  # the issuer comes from the peer: the instances name none
+        ds = pydicom.dcmread(f.path)
+        del ds.IssuerOfPatientID
+        ds.save_as(f.path)
+    _crash_after_storing(config, files)
+    _lose_index_rows(db_url, [f.sop_instance_uid for f in files])
+
+    runtime = build_runtime(load_settings(config))
+    ingest = Ingest(runtime)
+    try:
+        ingest.start()
+        assert ingest.replay is not None and ingest.replay.reindexed == len(files)
+        with runtime.sessions() as session:
+            stored = session.scalars(select(Instance.identity)).all()
+        assert len(stored) == len(files)
+        assert {load_identity(text).issuer for text in stored if text} == {expected}
+    finally:
+        ingest.stop()
+        runtime.close()
