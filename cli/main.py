@@ -317,6 +317,46 @@ def studies_list(app: AppContext, patient_id: str | None, limit: int) -> None:
     click.echo(f"{len(rows)} of {total} studies")
 
 
+@studies.command("fix-patient-row")
+@click.argument("study_uid")
+@click.option("--by", default=None, metavar="NAME", help="Who (for the audit log).")
+@click.pass_obj
+def studies_fix_patient_row(app: AppContext, study_uid: str, by: str | None) -> None:
+    """Make STUDY_UID's patient row show that study's own patient.
+
+    A patient row shows the name and demographics of the instance that created it. When
+    that instance named another person under the same Patient ID (it was held for
+    reconciliation), purpose-bound peers see none of the patient's studies. This points
+    the row at the first instance of STUDY_UID naming the row's patient. Audited.
+    """
+    from cli.router_commands import _actor
+    from dicom_node.archive.patient_rows import PatientRowError, show_study_patient
+
+    actor = _actor(by)
+    runtime = app.runtime()
+    try:
+        change = show_study_patient(runtime.sessions, runtime.files, study_uid)
+        if change.changed:
+            runtime.consent.audit(
+                actor=actor,
+                action="archive.patient-row",
+                target=f"study:{study_uid}",
+                details={"patient_row": change.patient_pk, "instance": change.instance_pk},
+            )
+    except PatientRowError as exc:
+        raise CliError(str(exc)) from None
+    except SQLAlchemyError as exc:
+        raise CliError(f"database error: {_first_line(exc)}") from None
+    finally:
+        runtime.close()
+    if change.changed:
+        click.echo(
+            f"the patient row of study {study_uid} now shows its instance {change.instance_pk}"
+        )
+    else:
+        click.echo(f"the patient row of study {study_uid} already shows its patient")
+
+
 @cli.command()
 @click.argument("peer_name", metavar="PEER")
 @click.pass_obj

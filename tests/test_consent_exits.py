@@ -33,6 +33,7 @@ from config.settings import MatchCondition, PeerSettings, RouteSettings
 from dicom_node.archive.identity import UNSTORABLE
 from dicom_node.archive.models import Instance as ArchivedInstance
 from dicom_node.archive.models import Patient as ArchivedPatient
+from dicom_node.archive.patient_rows import PatientRowError, show_study_patient
 from router.consent_sync import ConsentSync
 from router.forwarder import ForwarderOptions, ForwarderPool
 from router.retention import Retention
@@ -689,3 +690,51 @@ def test_no_patient_data_in_ordinary_logs(tmp_path: Path, caplog: pytest.LogCapt
     assert len(lines) > 10  # the node did log
     hits = [line for line in lines if any(s in line for s in secrets)]
     assert not hits, "patient data in logs:\n" + "\n".join(hits[:20])
+
+
+def test_fixing_a_patient_row_shows_the_genuine_studies_again(node) -> None:
+    """The held instance X created P-G's archive row (see the test above), so P-G's
+    genuine study is withheld from the purpose-bound peer. Pointing the row at that study
+    (`consentgate studies fix-patient-row`) lists it again, with the genuine name; X's
+    name never shows, and a study already showing its patient is left as it is."""
+    ins_r = matricule("1700175123456")
+    add_patient(node, "P-G")
+    add_patient(node, "P-R", sex="M", ins=ins_r, status="QUAL")
+    grant(node, "P-G")
+    refuse(node, "P-R")
+    study_r = generate_uid()
+    w = make_ds("P-R", study_uid=study_r, sex="M", name="REFUSED^PERSON")
+    x = make_ds("P-G", study_uid=study_r, ins=(INS_NIR_OID, ins_r), name="SECRET^REFUSED")
+    study_g = generate_uid()
+    y = make_ds("P-G", study_uid=study_g, name="GENUINE^GRANTED")
+    assert store(node, w, x, y) == [0, 0, 0]
+
+    def visible() -> tuple[list[Dataset], list[Dataset]]:
+        return (
+            c_find(
+                node, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study_g, PatientName=""
+            ),
+            c_find(
+                node,
+                QR_AE,
+                patient_root=True,
+                QueryRetrieveLevel="PATIENT",
+                PatientID="P-G",
+                PatientName="",
+            ),
+        )
+
+    assert visible() == ([], [])
+    runtime = node.runtime
+    change = show_study_patient(runtime.sessions, runtime.files, study_g)
+    assert change.changed
+    studies, patients = visible()
+    assert [str(d.PatientName) for d in studies + patients] == ["GENUINE^GRANTED"] * 2
+    with runtime.sessions() as session:
+        row = session.get_one(ArchivedPatient, change.patient_pk)
+    assert (row.patient_id, row.patient_name) == ("P-G", "GENUINE^GRANTED")
+
+    # study_r's row is P-R's, created by W, which names P-R: nothing to change
+    assert not show_study_patient(runtime.sessions, runtime.files, study_r).changed
+    with pytest.raises(PatientRowError, match="no archived study"):
+        show_study_patient(runtime.sessions, runtime.files, generate_uid())

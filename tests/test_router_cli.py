@@ -26,6 +26,7 @@ from config.settings import load_settings
 from consent.decision import Decision, Outcome
 from consent.models import AuditEntry
 from dicom_node.archive.models import Instance
+from dicom_node.archive.models import Patient as ArchivedPatient
 from router.consent_sync import ConsentSync
 from router.models import ForwardJob, JobState
 from tests.conftest import (
@@ -589,3 +590,31 @@ def test_restore_fails_closed_and_can_be_run_again(
         "2 job(s) dropped by the retracted refusal queued again"
     )
     assert env.states("granted") == {JobState.READY}
+
+
+def test_studies_fix_patient_row(env: Env) -> None:
+    """A first study of P-GRANTED with another birth date created the patient row; the
+    command points the row at the genuine study (audited); run again, it changes
+    nothing; an unknown study is one error line."""
+    _later_study(env, "other-birth", "P-GRANTED", 73, count=1)
+    for f in env.files["other-birth"]:
+        ds = dcmread(f.path)
+        ds.PatientBirthDate = "19990101"
+        ds.save_as(f.path)
+    env.store("other-birth", "granted")
+    study = env.study("granted")
+    out = ok(env.run("studies", "fix-patient-row", study, "--by", "ops"))
+    assert out.startswith(f"the patient row of study {study} now shows its instance")
+    with env.runtime.sessions() as session:
+        entry = session.scalars(
+            select(AuditEntry).where(AuditEntry.action == "archive.patient-row")
+        ).one()
+        row = session.scalars(
+            select(ArchivedPatient).where(ArchivedPatient.patient_id == "P-GRANTED")
+        ).one()
+    assert (entry.actor, entry.target) == ("ops", f"study:{study}")
+    assert row.birth_date == dcmread(env.files["granted"][0].path).PatientBirthDate
+    assert ok(env.run("studies", "fix-patient-row", study)).strip() == (
+        f"the patient row of study {study} already shows its patient"
+    )
+    one_line_error(env.run("studies", "fix-patient-row", "1.2.3.4"), "no archived study 1.2.3.4")
