@@ -329,20 +329,32 @@ def studies_fix_patient_row(app: AppContext, study_uid: str, by: str | None) -> 
     reconciliation), purpose-bound peers see none of the patient's studies. This points
     the row at the first instance of STUDY_UID naming the row's patient. Audited.
     """
+    from datetime import UTC, datetime
+
+    from sqlalchemy.orm import Session
+
     from cli.router_commands import _actor
-    from dicom_node.archive.patient_rows import PatientRowError, show_study_patient
+    from consent.audit import append_audit, lock_for_write
+    from dicom_node.archive.patient_rows import PatientRowError, RowChange, show_study_patient
 
     actor = _actor(by)
     runtime = app.runtime()
+
+    def audit(session: Session, change: RowChange) -> None:
+        lock_for_write(session)
+        append_audit(
+            session,
+            at=datetime.now(UTC),
+            actor=actor,
+            action="archive.patient-row",
+            target=f"study:{study_uid}",
+            details={"patient_row": change.patient_pk, "instance": change.instance_pk},
+        )
+
     try:
-        change = show_study_patient(runtime.sessions, runtime.files, study_uid)
-        if change.changed:
-            runtime.consent.audit(
-                actor=actor,
-                action="archive.patient-row",
-                target=f"study:{study_uid}",
-                details={"patient_row": change.patient_pk, "instance": change.instance_pk},
-            )
+        change = show_study_patient(
+            runtime.sessions, runtime.files, study_uid, runtime.gate.confirms, audit
+        )
     except PatientRowError as exc:
         raise CliError(str(exc)) from None
     except SQLAlchemyError as exc:

@@ -236,6 +236,11 @@ def restore_retracted(runtime: Runtime, event_id: int, actor: str) -> str:
         )
     if outcome is Restore.NOT_A_REFUSAL:
         return "the retracted decision was a permit: no job to restore"
+    if outcome is Restore.REFUSED_BEFORE:
+        return (
+            f"the decision before the retracted refusal was a refusal for {window.purpose} "
+            "too: the jobs stay dropped"
+        )
     if outcome is Restore.STILL_REFUSED:
         return (
             f"the patient's consent for {window.purpose} is still refused: the jobs the "

@@ -50,25 +50,20 @@ from router.routes import RouteTable
 LOG = logging.getLogger(__name__)
 
 
-def replay_issuer(settings: Settings, calling_ae: str) -> str:
-    """The default issuer for an instance stored again from the journal.
+def replay_issuer(settings: Settings, calling_ae: str) -> str | None:
+    """The default issuer for an instance stored again from the journal, or ``None``
+    when it cannot be told.
 
-    The journal keeps the sending AE title, not the sender's address. When the peers with
-    that AE title do not all have the same issuer, the one applied when the instance was
-    received cannot be told: none is applied, so that its patient resolves to nobody
-    (held for reconciliation where a route needs consent, withheld from purpose-bound
-    peers) rather than to another issuer's patient of the same Patient ID.
+    The journal keeps the sending AE title, not the sender's address. The issuer applied
+    when the instance was received is known only when the configured peers with that AE
+    title all have the same one. Otherwise (several issuers, or no such peer any more)
+    the instance is filed without a patient identity (``Archive.store``,
+    ``sender_known=False``): held for reconciliation where a route needs consent,
+    withheld from purpose-bound peers, rather than resolved under a guessed issuer, or
+    by its INS alone, to a patient it may not be.
     """
     issuers = {p.issuer for p in settings.peers if p.ae_title == calling_ae}
-    if len(issuers) == 1:
-        return issuers.pop()
-    if issuers:
-        LOG.warning(
-            "journal replay: the peers with AE title %s have different issuers; an "
-            "instance they sent is indexed again without a default issuer",
-            calling_ae,
-        )
-    return ""
+    return issuers.pop() if len(issuers) == 1 else None
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -250,6 +245,7 @@ class Ingest:
         self._flush_interval = flush_interval
         self.leftover_staging_files = 0
         self.replay: ReplayReport | None = None
+        self._unknown_senders: set[str] = set()
 
     def start(self) -> None:
         """Prepare, replay, attach (before the node accepts any association)."""
@@ -327,13 +323,23 @@ class Ingest:
             raise InvalidInstance(f"unreadable file meta ({type(exc).__name__})") from None
         dataset_start = 144 + int.from_bytes(part10[140:144], "little")
         calling_ae = str(meta.get("SourceApplicationEntityTitle", "") or "").strip()
+        issuer = replay_issuer(self._runtime.settings, calling_ae)
+        if issuer is None and calling_ae not in self._unknown_senders:
+            self._unknown_senders.add(calling_ae)  # said once per AE title
+            LOG.warning(
+                "journal replay: the configured peers with AE title %s have several issuers "
+                "or none; what they sent is indexed again without a patient identity (held "
+                "for reconciliation, withheld from purpose-bound peers)",
+                calling_ae,
+            )
         self._runtime.archive.store(
             memoryview(part10)[dataset_start:],
             transfer_syntax_uid=syntax,
             command_sop_class_uid=sop_class,
             command_sop_instance_uid=sop_instance,
             calling_ae=calling_ae,
-            default_issuer=replay_issuer(self._runtime.settings, calling_ae),
+            default_issuer=issuer or "",
+            sender_known=issuer is not None,
         )
 
     def stop(self) -> None:

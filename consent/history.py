@@ -28,8 +28,9 @@ class RetractedWindow:
     patient's current decision for its purpose.
 
     ``start`` is when the decision was recorded; ``end`` when the next decision that still
-    stands was recorded for the same patient and purpose (``None``: none since, so the
-    window lasts until the retraction).
+    stands was recorded for the same patient and purpose (``None``: none since; the
+    window is open, so that a drop committed late by a node that had read the refusal
+    before its retraction still counts).
     """
 
     event_id: int
@@ -38,6 +39,8 @@ class RetractedWindow:
     decision: str
     start: datetime
     end: datetime | None
+    # the decision in force just before it (the latest earlier one still standing), if any
+    previous: str | None = None
 
 
 class ConsentHistory:
@@ -120,31 +123,42 @@ class ConsentHistory:
             if event is None or event.status != "active":
                 return None
             rows = session.execute(
-                select(ConsentEvent.id, ConsentEvent.status, ConsentEvent.supersedes_pk)
+                select(
+                    ConsentEvent.id,
+                    ConsentEvent.status,
+                    ConsentEvent.supersedes_pk,
+                    ConsentEvent.decision,
+                )
                 .where(
                     ConsentEvent.patient_pk == event.patient_pk,
                     ConsentEvent.purpose_pk == event.purpose_pk,
-                    ConsentEvent.id >= event_id,
                 )
                 .order_by(ConsentEvent.id)
             ).all()
-            retracted = {sup for _, status, sup in rows if status == "entered-in-error"}
+            retracted = {sup for _, status, sup, _ in rows if status == "entered-in-error"}
             if event_id not in retracted:
                 return None
-            following = next(
-                (
-                    pk
-                    for pk, status, _ in rows
-                    if pk > event_id and status == "active" and pk not in retracted
-                ),
-                None,
+            standing = [
+                (pk, decision)
+                for pk, status, _, decision in rows
+                if status == "active" and pk not in retracted
+            ]
+            following = next((pk for pk, _ in standing if pk > event_id), None)
+            previous = next(
+                (decision for pk, decision in reversed(standing) if pk < event_id), None
             )
             end = None
             if following is not None:
                 end = session.get_one(ConsentEvent, following).recorded_at
             purpose = session.get_one(Purpose, event.purpose_pk)
             return RetractedWindow(
-                event_id, event.patient_pk, purpose.code, event.decision, event.recorded_at, end
+                event_id,
+                event.patient_pk,
+                purpose.code,
+                event.decision,
+                event.recorded_at,
+                end,
+                previous,
             )
 
     def export_fhir(self, issuer: str, patient_id: str) -> list[dict[str, Any]]:

@@ -106,6 +106,7 @@ class Restore(StrEnum):
     HELD = "held"  # they are held again: the patient has not decided (opt-in purpose)
     NOT_A_REFUSAL = "not a refusal"  # the retracted decision was a permit: nothing dropped
     STILL_REFUSED = "still refused"  # the current decision is a refusal: they stay dropped
+    REFUSED_BEFORE = "refused before"  # the decision before it was a refusal: it dropped them
     DECISION_FAILED = "decision failed"  # could not decide (database error): try again
 
 
@@ -116,8 +117,9 @@ def restore_after_retraction(
 
     The jobs it dropped while it was the current decision (``window``) are held for
     consent again, then released at once when the decision now permits; they stay held
-    when it is undecided. Nothing is restored while the patient's decision is still a
-    refusal (a later one, or the one before), nor when the retracted decision was a
+    when it is undecided. Nothing is restored when the decision in force before it was a
+    refusal too (it would have dropped them anyway, whatever was decided later), while
+    the patient's current decision is a refusal, nor when the retracted decision was a
     permit. Returns what was done and the number of jobs restored. Running it again
     restores nothing more (those jobs are no longer dropped). A copy that the retention
     policy deleted after the mistaken refusal is gone with its jobs: it can only be sent
@@ -125,6 +127,9 @@ def restore_after_retraction(
     """
     if window.decision != "deny":
         return Restore.NOT_A_REFUSAL, 0
+    if window.previous == "deny":
+        # without the mistake, the refusal before it would have dropped them as well
+        return Restore.REFUSED_BEFORE, 0
     decision = decide(window.patient_pk, window.purpose)
     if failed(decision):
         return Restore.DECISION_FAILED, 0

@@ -89,6 +89,15 @@ class AccessGate:
             LOG.error("consent check failed: %s", type(exc).__name__)
             return False
 
+    def confirms(self, identity: PatientFacts) -> bool:
+        """Whether ``identity`` designates one consent-store patient without any
+        contradiction (resolution ``matched``), whatever the consent."""
+        try:
+            return self._resolve_facts(identity).status == "matched"
+        except Exception as exc:  # fail closed
+            LOG.error("patient resolution failed: %s", type(exc).__name__)
+            return False
+
     def _permitted(self, resolution: Resolution, purpose: str) -> bool:
         if resolution.status != "matched" or resolution.patient_pk is None:
             return False

@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select, update
 
@@ -726,7 +727,7 @@ def test_fixing_a_patient_row_shows_the_genuine_studies_again(node) -> None:
 
     assert visible() == ([], [])
     runtime = node.runtime
-    change = show_study_patient(runtime.sessions, runtime.files, study_g)
+    change = show_study_patient(runtime.sessions, runtime.files, study_g, runtime.gate.confirms)
     assert change.changed
     studies, patients = visible()
     assert [str(d.PatientName) for d in studies + patients] == ["GENUINE^GRANTED"] * 2
@@ -735,6 +736,42 @@ def test_fixing_a_patient_row_shows_the_genuine_studies_again(node) -> None:
     assert (row.patient_id, row.patient_name) == ("P-G", "GENUINE^GRANTED")
 
     # study_r's row is P-R's, created by W, which names P-R: nothing to change
-    assert not show_study_patient(runtime.sessions, runtime.files, study_r).changed
+    assert not show_study_patient(
+        runtime.sessions, runtime.files, study_r, runtime.gate.confirms
+    ).changed
     with pytest.raises(PatientRowError, match="no archived study"):
-        show_study_patient(runtime.sessions, runtime.files, generate_uid())
+        show_study_patient(runtime.sessions, runtime.files, generate_uid(), runtime.gate.confirms)
+
+
+def test_an_instance_of_an_unknown_sender_is_held_and_withheld(node) -> None:
+    """What a journal replay files when it cannot tell which peer (so which issuer) sent
+    an instance: here P-A's Patient ID with P-B's qualified INS, which the live path
+    holds as a mismatch. Filed without an identity, it is held for reconciliation (not
+    resolved by its INS alone to P-B, who consented) and withheld from the regional
+    peer; the care team still sees it."""
+    ins_b = matricule("1700175123456")
+    add_patient(node, "P-A")
+    add_patient(node, "P-B", ins=ins_b, status="QUAL")
+    grant(node, "P-B")
+    study = generate_uid()
+    x = make_ds("P-A", study_uid=study, issuer=None, ins=(INS_NIR_OID, ins_b))
+    dataset = encode(x, False, True)
+    assert dataset is not None
+    node.runtime.archive.store(
+        dataset,
+        transfer_syntax_uid=str(ExplicitVRLittleEndian),
+        command_sop_class_uid=str(x.SOPClassUID),
+        command_sop_instance_uid=str(x.SOPInstanceUID),
+        calling_ae=MODALITY_AE,
+        sender_known=False,
+    )
+    assert job_states(node.runtime)[x.SOPInstanceUID] == "held"
+    with node.runtime.sessions() as session:
+        stored = session.scalars(
+            select(ArchivedInstance.identity).where(
+                ArchivedInstance.sop_instance_uid == x.SOPInstanceUID
+            )
+        ).one()
+    assert stored == UNSTORABLE
+    assert c_find(node, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study) == []
+    assert len(c_find(node, PACS_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study)) == 1

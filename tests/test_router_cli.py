@@ -539,8 +539,9 @@ def test_restore_covers_only_the_time_the_retracted_refusal_stood(env: Env) -> N
 
 def test_restore_after_retraction_holds_stays_or_refuses(env: Env) -> None:
     """Opt-in purpose, the refusal was the patient's only decision: the jobs come back
-    held. A duplicate refusal retracted: the first still stands, nothing comes back. A
-    retracted permit: nothing to restore."""
+    held. A duplicate refusal retracted: the one before would have dropped them, nothing
+    comes back. A mistaken refusal followed by a genuine one: still refused. A retracted
+    permit: nothing to restore."""
     sync = _sync(env)
     wrong = _decide(env, "P-NEVER", "refuse")
     sync.poll()
@@ -556,10 +557,21 @@ def test_restore_after_retraction_holds_stays_or_refuses(env: Env) -> None:
     duplicate = _decide(env, "P-REFUSED", "refuse")
     out = ok(env.run("consent", "entered-in-error", duplicate, "--reason", "twice"))
     assert out.splitlines()[1] == (
+        f"the decision before the retracted refusal was a refusal for {PURPOSE} too: the "
+        "jobs stay dropped"
+    )
+    assert env.states("refused") == {JobState.DROPPED}
+
+    env.store("granted")
+    wrong = _decide(env, "P-GRANTED", "refuse")
+    sync.poll()
+    _decide(env, "P-GRANTED", "refuse")  # the patient then refuses for real
+    out = ok(env.run("consent", "entered-in-error", wrong, "--reason", "too early"))
+    assert out.splitlines()[1] == (
         f"the patient's consent for {PURPOSE} is still refused: the jobs the retracted "
         "refusal dropped stay dropped"
     )
-    assert env.states("refused") == {JobState.DROPPED}
+    assert env.states("granted") == {JobState.DROPPED}
 
     grant = _decide(env, "P-GRANTED", "grant")
     out = ok(env.run("consent", "entered-in-error", grant, "--reason", "wrong patient"))
@@ -595,7 +607,8 @@ def test_restore_fails_closed_and_can_be_run_again(
 def test_studies_fix_patient_row(env: Env) -> None:
     """A first study of P-GRANTED with another birth date created the patient row; the
     command points the row at the genuine study (audited); run again, it changes
-    nothing; an unknown study is one error line."""
+    nothing; an unknown study, or one whose instances the consent store does not
+    confirm, is one error line."""
     _later_study(env, "other-birth", "P-GRANTED", 73, count=1)
     for f in env.files["other-birth"]:
         ds = dcmread(f.path)
@@ -618,3 +631,27 @@ def test_studies_fix_patient_row(env: Env) -> None:
         f"the patient row of study {study} already shows its patient"
     )
     one_line_error(env.run("studies", "fix-patient-row", "1.2.3.4"), "no archived study 1.2.3.4")
+    # the study whose instance contradicts the consent store cannot be what the row shows
+    one_line_error(
+        env.run("studies", "fix-patient-row", env.study("other-birth")),
+        "with an identity the consent store confirms",
+    )
+
+
+def test_retracting_a_duplicate_refusal_after_a_grant_keeps_the_genuine_drops(env: Env) -> None:
+    """P-REFUSED genuinely refused; the refusal is recorded a second time by mistake, a
+    study arrives (dropped), the patient grants later. Retracting the duplicate restores
+    nothing: the genuine refusal alone would have dropped those jobs."""
+    sync = _sync(env)
+    duplicate = _decide(env, "P-REFUSED", "refuse")
+    sync.poll()
+    env.store("refused")
+    _decide(env, "P-REFUSED", "grant")
+    sync.poll()
+    assert env.states("refused") == {JobState.DROPPED}
+    out = ok(env.run("consent", "entered-in-error", duplicate, "--reason", "recorded twice"))
+    assert out.splitlines()[1] == (
+        f"the decision before the retracted refusal was a refusal for {PURPOSE} too: the "
+        "jobs stay dropped"
+    )
+    assert env.states("refused") == {JobState.DROPPED}

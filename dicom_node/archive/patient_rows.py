@@ -7,11 +7,12 @@ person's INS or demographics under this Patient ID: held for reconciliation), th
 hides the patient's genuine studies from purpose-bound peers: it fails closed, and stays
 so until an operator points it at a good instance. :func:`show_study_patient` makes the
 row show one of a chosen study's own instances instead, after checking that this
-instance names the row's patient.
+instance names the row's patient and that the consent store confirms its identity.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.archive.files import InstanceFiles
 from dicom_node.archive.header import InstanceHeader, read_header
-from dicom_node.archive.identity import load_identity
+from dicom_node.archive.identity import PatientIdentity, load_identity
 from dicom_node.archive.models import Instance, Patient, Series, Study
 from dicom_node.errors import InvalidInstance
 
@@ -38,18 +39,25 @@ class RowChange:
 
 
 def show_study_patient(
-    sessions: sessionmaker[Session], files: InstanceFiles, study_uid: str
+    sessions: sessionmaker[Session],
+    files: InstanceFiles,
+    study_uid: str,
+    confirmed: Callable[[PatientIdentity], bool],
+    on_change: Callable[[Session, RowChange], None] | None = None,
 ) -> RowChange:
     """Make the patient row of ``study_uid`` show the first instance of that study that
-    names the row's patient (same issuer and Patient ID in its stored identity), with
-    that instance's name, birth date, sex and identity.
+    names the row's patient (same issuer and Patient ID in its stored identity) and
+    whose identity ``confirmed`` accepts (the consent store designates one patient by it,
+    without contradiction), with that instance's name, birth date, sex and identity.
+    ``on_change`` runs in the updating transaction (for its audit entry).
 
     Raises
     ------
     PatientRowError
-        Unknown study; no instance of it names the row's patient with a stored identity
-        (instances stored before schema 0004, or naming another patient through a reused
-        Study Instance UID); or the instance's file cannot be read.
+        Unknown study; no instance of it names the row's patient with a stored and
+        confirmed identity (instances stored before schema 0004, naming another patient
+        through a reused Study Instance UID, or held for reconciliation); or the
+        instance's file cannot be read.
     """
     with sessions() as session:
         found = session.execute(
@@ -76,12 +84,17 @@ def show_study_patient(
             continue
         if identity.patient_id != patient_id or identity.issuer[:64] != issuer:
             continue
+        if not confirmed(identity):
+            continue
         header = _header_of(files, path, size)
         if header.patient_id != patient_id:
             continue
         if text == row_identity:
             return RowChange(patient_pk, instance_pk, changed=False)
+        change = RowChange(patient_pk, instance_pk, changed=True)
         with sessions.begin() as session:
+            if on_change is not None:
+                on_change(session, change)
             session.execute(
                 update(Patient)
                 .where(Patient.id == patient_pk)
@@ -92,10 +105,11 @@ def show_study_patient(
                     identity=text,
                 )
             )
-        return RowChange(patient_pk, instance_pk, changed=True)
+        return change
     raise PatientRowError(
-        f"no instance of study {study_uid} names its patient row's patient with a stored "
-        "identity (instances stored before schema 0004, or naming another patient)"
+        f"no instance of study {study_uid} names its patient row's patient with an identity "
+        "the consent store confirms (held for reconciliation, naming another patient, or "
+        "stored before schema 0004)"
     )
 
 

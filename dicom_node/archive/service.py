@@ -36,6 +36,7 @@ from dicom_node.archive.header import (
 )
 from dicom_node.archive.identity import (
     IDENTITY_KEYWORDS,
+    UNSTORABLE,
     PatientIdentity,
     identity_of,
     store_identity,
@@ -47,6 +48,10 @@ from dicom_node.errors import InvalidInstance, StorageFailure
 from dicom_node.uids import is_valid_uid
 
 LOG = logging.getLogger(__name__)
+
+# the identity of an instance whose sender, and so issuer, is not known for sure: it
+# designates no patient (no Patient ID, no INS), so nothing with a purpose accepts it
+NOBODY = PatientIdentity(issuer="", patient_id="", ins_values=(), birth_date="", sex="")
 
 Buffer = bytes | bytearray | memoryview
 
@@ -173,8 +178,14 @@ class Archive:
         command_sop_instance_uid: str,
         calling_ae: str,
         default_issuer: str = "",
+        sender_known: bool = True,
     ) -> StoreResult:
         """Durably store one instance received with a C-STORE request.
+
+        ``sender_known=False`` (a journal replay that cannot tell which peer sent it, so
+        which issuer applied): the instance is filed without a patient identity. Its
+        routes with a purpose hold it for reconciliation, and query/retrieve withholds it
+        from purpose-bound peers; routes without purpose forward it as usual.
 
         Raises
         ------
@@ -210,7 +221,7 @@ class Archive:
         if not header.patient_id:
             LOG.info("instance received without Patient ID from %s", calling_ae)
 
-        identity = identity_of(attributes, default_issuer)
+        identity = identity_of(attributes, default_issuer) if sender_known else NOBODY
         hook = self.hook
         prepared = (
             hook.prepare(attributes, header, calling_ae, identity) if hook is not None else None
@@ -234,7 +245,7 @@ class Archive:
                     # the same rule as routing's: the qualifiers' Universal Entity ID
                     # when Issuer of Patient ID is absent, then the sending peer's
                     issuer=header.issuer or identity.issuer[:64],
-                    identity=store_identity(identity),
+                    identity=store_identity(identity) if sender_known else UNSTORABLE,
                     transfer_syntax_uid=transfer_syntax_uid,
                     size=size,
                     relative_path=relative,
