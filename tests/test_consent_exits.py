@@ -341,12 +341,11 @@ def test_two_conflicting_ins_in_other_patient_ids_are_held(node) -> None:
     assert state == "held", f"LEAK (forward): contradictory INS, job {state} {note}"
 
 
-def test_held_instance_that_created_a_patient_row_does_not_show_through_it(node) -> None:
-    """X carries consented P-G's Patient ID but refused P-R's INS (held), and reuses
-    P-R's Study Instance UID: it is filed under P-R's study, yet it is the first
-    instance naming P-G, so it creates P-G's archive row with its own name. The row is
-    checked on X's identity (INS included): neither the row nor P-G's genuine study,
-    which shows the row's name, is listed; the row alone, without instances, neither."""
+def _row_created_by_a_held_instance(node) -> tuple[str, str, Dataset, Dataset]:
+    """Consented P-G, refused P-R (with a qualified INS). W (P-R) and X (P-G's Patient ID,
+    P-R's INS: held) share P-R's Study Instance UID; X is the first instance naming P-G,
+    so it creates P-G's archive row; Y is P-G's genuine study. Returns (P-R's study,
+    P-G's study, X, Y)."""
     ins_r = matricule("1700175123456")
     add_patient(node, "P-G")
     add_patient(node, "P-R", sex="M", ins=ins_r, status="QUAL")
@@ -358,6 +357,16 @@ def test_held_instance_that_created_a_patient_row_does_not_show_through_it(node)
     study_g = generate_uid()
     y = make_ds("P-G", study_uid=study_g, name="GENUINE^GRANTED")
     assert store(node, w, x, y) == [0, 0, 0]
+    return study_r, study_g, x, y
+
+
+def test_held_instance_that_created_a_patient_row_does_not_show_through_it(node) -> None:
+    """X carries consented P-G's Patient ID but refused P-R's INS (held), and reuses
+    P-R's Study Instance UID: it is filed under P-R's study, yet it is the first
+    instance naming P-G, so it creates P-G's archive row with its own name. The row is
+    checked on X's identity (INS included): neither the row nor P-G's genuine study,
+    which shows the row's name, is listed; the row alone, without instances, neither."""
+    _, study_g, x, y = _row_created_by_a_held_instance(node)
     jobs = job_states(node.runtime)
     assert (jobs[x.SOPInstanceUID], jobs[y.SOPInstanceUID]) == ("held", "ready")
     patients = c_find(
@@ -698,17 +707,7 @@ def test_fixing_a_patient_row_shows_the_genuine_studies_again(node) -> None:
     genuine study is withheld from the purpose-bound peer. Pointing the row at that study
     (`consentgate studies fix-patient-row`) lists it again, with the genuine name; X's
     name never shows, and a study already showing its patient is left as it is."""
-    ins_r = matricule("1700175123456")
-    add_patient(node, "P-G")
-    add_patient(node, "P-R", sex="M", ins=ins_r, status="QUAL")
-    grant(node, "P-G")
-    refuse(node, "P-R")
-    study_r = generate_uid()
-    w = make_ds("P-R", study_uid=study_r, sex="M", name="REFUSED^PERSON")
-    x = make_ds("P-G", study_uid=study_r, ins=(INS_NIR_OID, ins_r), name="SECRET^REFUSED")
-    study_g = generate_uid()
-    y = make_ds("P-G", study_uid=study_g, name="GENUINE^GRANTED")
-    assert store(node, w, x, y) == [0, 0, 0]
+    study_r, study_g, _, _ = _row_created_by_a_held_instance(node)
 
     def visible() -> tuple[list[Dataset], list[Dataset]]:
         return (

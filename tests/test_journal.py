@@ -165,13 +165,19 @@ def _lose_index_rows(db_url: str, uids: list[str]) -> None:
         engine.dispose()
 
 
-def _config(tmp_path: Path, db_url: str, segment_mb: int = 1) -> Path:
+def _config(
+    tmp_path: Path,
+    db_url: str,
+    segment_mb: int = 1,
+    peers: list[dict[str, object]] | None = None,
+) -> Path:
     config = write_config(
         tmp_path / "cg.toml",
         tmp_path / "data",
         db_url,
         dicom_port=free_port(),
         http_port=free_port(),
+        peers=peers,
         journal_segment_mb=segment_mb,
     )
     prepare_runtime(load_settings(config)).close()
@@ -505,15 +511,7 @@ def test_replay_applies_a_peer_issuer_only_when_the_ae_title_names_one(
         }
         for n, issuer in enumerate(issuers, start=1)
     ]
-    config = write_config(
-        tmp_path / "cg.toml",
-        tmp_path / "data",
-        db_url,
-        dicom_port=free_port(),
-        http_port=free_port(),
-        peers=peers,
-    )
-    prepare_runtime(load_settings(config)).close()
+    config = _config(tmp_path, db_url, peers=peers)
     files = make_small_series(tmp_path / "small", 2)
     for f in files:  # the issuer comes from the peer: the instances name none
         ds = pydicom.dcmread(f.path)
