@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from sqlalchemy.exc import SQLAlchemyError
 
+from cli.router_commands import open_runtime, restore_retracted
 from consent.errors import ConsentError
 from consent.identity import parse_iso_date
 
 if TYPE_CHECKING:
-    from cli.runtime import Runtime
     from consent.service import ConsentStore
 
 _CHANNELS = ("desk", "remote", "paper", "cli", "api")
@@ -33,30 +32,11 @@ def _cli_error(message: str) -> click.ClickException:
     return CliError(message)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 @contextmanager
 def _store(ctx: click.Context) -> Iterator[ConsentStore]:
     """A :class:`ConsentStore` on the configured database; errors become one line."""
-    with _runtime(ctx) as runtime:
+    with open_runtime(ctx) as runtime:
         yield runtime.consent
-
-
-@contextmanager
-def _runtime(ctx: click.Context) -> Iterator[Runtime]:
-    """The process's services; consent and database errors become one line."""
-    runtime = ctx.obj.runtime()
-    try:
-        yield runtime
-    except ConsentError as exc:
-        raise _cli_error(str(exc)) from None
-    except SQLAlchemyError as exc:
-        raise _cli_error(f"database error: {_first_line(exc)}") from None
-    finally:
-        runtime.close()
 
 
 def _actor(by: str | None) -> str:
@@ -510,10 +490,8 @@ def consent_entered_in_error(
     When it was a refusal or withdrawal, the forward jobs it dropped are queued again
     (held, when the patient has not decided).
     """
-    from cli.router_commands import restore_retracted
-
     actor = _actor(by)
-    with _runtime(ctx) as runtime:
+    with open_runtime(ctx) as runtime:
         marker = runtime.consent.mark_entered_in_error(event_id, actor=actor, reason=reason)
         click.echo(f"event {event_id} marked entered-in-error (event {marker})")
         click.echo(restore_retracted(runtime, event_id, actor))

@@ -320,8 +320,8 @@ def studies_list(app: AppContext, patient_id: str | None, limit: int) -> None:
 @studies.command("fix-patient-row")
 @click.argument("study_uid")
 @click.option("--by", default=None, metavar="NAME", help="Who (for the audit log).")
-@click.pass_obj
-def studies_fix_patient_row(app: AppContext, study_uid: str, by: str | None) -> None:
+@click.pass_context
+def studies_fix_patient_row(ctx: click.Context, study_uid: str, by: str | None) -> None:
     """Make STUDY_UID's patient row show that study's own patient.
 
     A patient row shows the name and demographics of the instance that created it. When
@@ -333,12 +333,11 @@ def studies_fix_patient_row(app: AppContext, study_uid: str, by: str | None) -> 
 
     from sqlalchemy.orm import Session
 
-    from cli.router_commands import _actor
+    from cli.router_commands import _actor, open_runtime
     from consent.audit import append_audit, lock_for_write
     from dicom_node.archive.patient_rows import PatientRowError, RowChange, show_study_patient
 
     actor = _actor(by)
-    runtime = app.runtime()
 
     def audit(session: Session, change: RowChange) -> None:
         lock_for_write(session)
@@ -351,16 +350,13 @@ def studies_fix_patient_row(app: AppContext, study_uid: str, by: str | None) -> 
             details={"patient_row": change.patient_pk, "instance": change.instance_pk},
         )
 
-    try:
-        change = show_study_patient(
-            runtime.sessions, runtime.files, study_uid, runtime.gate.confirms, audit
-        )
-    except PatientRowError as exc:
-        raise CliError(str(exc)) from None
-    except SQLAlchemyError as exc:
-        raise CliError(f"database error: {_first_line(exc)}") from None
-    finally:
-        runtime.close()
+    with open_runtime(ctx) as runtime:
+        try:
+            change = show_study_patient(
+                runtime.sessions, runtime.files, study_uid, runtime.gate.confirms, audit
+            )
+        except PatientRowError as exc:
+            raise CliError(str(exc)) from None
     if change.changed:
         click.echo(
             f"the patient row of study {study_uid} now shows its instance {change.instance_pk}"

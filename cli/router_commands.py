@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from consent.decision import Outcome
+from consent.errors import ConsentError
 from dicom_node.archive.attributes import attributes_of
 from dicom_node.archive.identity import load_identity
 from dicom_node.archive.models import Instance, Patient, Series, Study
@@ -35,10 +36,14 @@ def _error(message: str) -> click.ClickException:
 
 
 @contextmanager
-def _runtime(ctx: click.Context) -> Iterator[Runtime]:
+def open_runtime(ctx: click.Context) -> Iterator[Runtime]:
+    """The process's services, closed afterwards; a consent-store or database error
+    becomes one error line."""
     runtime: Runtime = ctx.obj.runtime()
     try:
         yield runtime
+    except ConsentError as exc:
+        raise _error(str(exc)) from None
     except SQLAlchemyError as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _error(f"database error: {text}") from None
@@ -78,7 +83,7 @@ def route_test(
         peer = ctx.obj.peer(peer_name)
         calling_ae = calling_ae or peer.ae_title
         issuer = peer.issuer
-    with _runtime(ctx) as runtime:
+    with open_runtime(ctx) as runtime:
         keywords = sorted(runtime.routes.keywords() | set(IDENTITY_KEYWORDS))
         if not settings.routes:
             click.echo("no routes are configured")
@@ -119,7 +124,7 @@ def queue_group() -> None:
 @click.pass_context
 def queue_stats(ctx: click.Context) -> None:
     """Job counts per destination and state."""
-    with _runtime(ctx) as runtime:
+    with open_runtime(ctx) as runtime:
         stats = runtime.queue.stats()
     if not stats:
         click.echo("queue is empty")
@@ -138,7 +143,7 @@ def queue_stats(ctx: click.Context) -> None:
 @click.pass_context
 def queue_list(ctx: click.Context, state: str | None, destination: str | None, limit: int) -> None:
     """Jobs, newest first."""
-    with _runtime(ctx) as runtime:
+    with open_runtime(ctx) as runtime:
         jobs = runtime.queue.list_jobs(state=state, destination=destination, limit=limit)
     click.echo(f"{'ID':>8} {'STATE':8} {'DESTINATION':16} {'PURPOSE':16} {'TRIES':>5}  NOTE")
     for job in jobs:
@@ -163,7 +168,7 @@ def queue_retry(
     if not job_ids and not all_failed:
         raise _error("name the job ids to retry, or pass --all-failed")
     actor = _actor(by)
-    with _runtime(ctx) as runtime:
+    with open_runtime(ctx) as runtime:
         count = runtime.queue.retry_jobs(None if all_failed else list(job_ids))
         if count or all_failed:
             runtime.consent.audit(
@@ -188,7 +193,7 @@ def queue_retry(
 def queue_drop(ctx: click.Context, job_ids: tuple[int, ...], reason: str, by: str | None) -> None:
     """Drop open or failed jobs: they will never be sent."""
     actor = _actor(by)
-    with _runtime(ctx) as runtime:
+    with open_runtime(ctx) as runtime:
         count = runtime.queue.drop_jobs(list(job_ids), f"dropped by {actor}: {reason}")
         if count:
             runtime.consent.audit(
@@ -215,7 +220,7 @@ def queue_restore(ctx: click.Context, event_id: int, by: str | None) -> None:
     'consent entered-in-error' does this itself; run it when that step failed.
     """
     actor = _actor(by)
-    with _runtime(ctx) as runtime:
+    with open_runtime(ctx) as runtime:
         message = restore_retracted(runtime, event_id, actor)
     click.echo(message)
 
@@ -273,7 +278,7 @@ def held_group() -> None:
 @click.pass_context
 def held_list(ctx: click.Context) -> None:
     """Studies whose jobs wait for the patient to be reconciled."""
-    with _runtime(ctx) as runtime, runtime.sessions() as session:
+    with open_runtime(ctx) as runtime, runtime.sessions() as session:
         rows = session.execute(
             select(
                 Study.study_instance_uid,
@@ -321,7 +326,7 @@ def held_resolve(
     if not reject and (issuer is None or patient_id is None):
         raise _error("pass both --issuer and --patient-id")
     actor = _actor(by)
-    with _runtime(ctx) as runtime:
+    with open_runtime(ctx) as runtime:
         result = _resolve_held(runtime, study_uid, issuer, patient_id, reject, actor)
     click.echo(result)
 

@@ -29,7 +29,7 @@ from dicom_node.archive.files import InstanceFiles
 from dicom_node.scu import ScuError, connect
 from dicom_node.store_scu import StoreSender
 from router.decisions import Decide, Outcome, failed
-from router.queue import ClaimedJob, JobQueue
+from router.queue import CONSENT_DROP_PREFIX, ClaimedJob, JobQueue
 
 LOG = logging.getLogger(__name__)
 #: acknowledged jobs recorded together (bounded by the batch: all are recorded at its end)
@@ -175,9 +175,9 @@ class DestinationWorker(threading.Thread):
         if decision.outcome is Outcome.PERMIT:
             return True
         if decision.outcome is Outcome.DENY and not failed(decision):
-            self._queue.drop(job, self._owner, f"consent: {decision.reason}")
+            self._queue.drop(job, self._owner, f"{CONSENT_DROP_PREFIX}: {decision.reason}")
         else:
-            self._queue.hold(job, self._owner, f"consent: {decision.reason}")
+            self._queue.hold(job, self._owner, f"{CONSENT_DROP_PREFIX}: {decision.reason}")
         return False
 
     def _retry_later(self, job: ClaimedJob, reason: str, *, permanent: bool = False) -> None:

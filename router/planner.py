@@ -25,7 +25,7 @@ from consent.decision import Resolution
 from dicom_node.archive.identity import PatientIdentity
 from router.decisions import Decide, Decision, Outcome, failed
 from router.models import HoldReason, JobState
-from router.queue import JobSpec
+from router.queue import CONSENT_DROP_PREFIX, JobSpec
 from router.routes import RouteTable
 
 #: The identity a dataset carries, as the consent store needs it.
@@ -115,12 +115,16 @@ class Planner:
                     if decision.outcome is Outcome.PERMIT:
                         decisions[purpose] = (JobState.READY, "", "")
                     elif decision.outcome is Outcome.DENY and not failed(decision):
-                        decisions[purpose] = (JobState.DROPPED, "", f"consent: {decision.reason}")
+                        decisions[purpose] = (
+                            JobState.DROPPED,
+                            "",
+                            f"{CONSENT_DROP_PREFIX}: {decision.reason}",
+                        )
                     else:
                         decisions[purpose] = (
                             JobState.HELD,
                             HoldReason.CONSENT.value,
-                            f"consent: {decision.reason}",
+                            f"{CONSENT_DROP_PREFIX}: {decision.reason}",
                         )
                 state, hold, note = decisions[purpose]
             jobs.append(JobSpec(dest, route_name, purpose, patient_pk, state, hold, note))

@@ -407,7 +407,7 @@ class JobQueue:
             conditions,
             state=JobState.HELD.value,
             hold_reason=HoldReason.CONSENT.value,
-            last_error="consent: the refusal that dropped it was entered in error",
+            last_error=f"{CONSENT_DROP_PREFIX}: the refusal that dropped it was entered in error",
             next_attempt_at=self._clock(),
         )
 

@@ -90,14 +90,19 @@ def refuse(node, pid: str, issuer: str = ISSUER) -> None:
     )
 
 
-def test_foreign_instance_in_a_consented_study_is_withheld(node) -> None:
-    """Instance B (refused patient) carries the StudyInstanceUID of a consented patient's
-    study, so the index files B under that study: B's own identity still withholds it,
-    and the consented patient's instance is still served."""
+def granted_and_refused(node) -> None:
+    """P-GRANTED has granted the purpose, P-REFUSED has refused it."""
     add_patient(node, "P-GRANTED")
     add_patient(node, "P-REFUSED")
     grant(node, "P-GRANTED")
     refuse(node, "P-REFUSED")
+
+
+def test_foreign_instance_in_a_consented_study_is_withheld(node) -> None:
+    """Instance B (refused patient) carries the StudyInstanceUID of a consented patient's
+    study, so the index files B under that study: B's own identity still withholds it,
+    and the consented patient's instance is still served."""
+    granted_and_refused(node)
     study = generate_uid()
     a = make_ds("P-GRANTED", study_uid=study)
     b = make_ds("P-REFUSED", study_uid=study, name="SECRET^REFUSED")
@@ -156,10 +161,7 @@ def test_foreign_instance_in_a_consented_study_is_withheld(node) -> None:
 def test_identity_read_from_the_file_for_instances_indexed_without_one(node) -> None:
     """Instances indexed before the identity column (schema 0004) have none: the checks
     read each file's identity instead, at every level."""
-    add_patient(node, "P-GRANTED")
-    add_patient(node, "P-REFUSED")
-    grant(node, "P-GRANTED")
-    refuse(node, "P-REFUSED")
+    granted_and_refused(node)
     study = generate_uid()
     a = make_ds("P-GRANTED", study_uid=study)
     b = make_ds("P-REFUSED", study_uid=study)
