@@ -29,6 +29,7 @@ from tests.conftest import (
     free_port,
     make_settings,
 )
+from tests.scu_support import associate
 
 PURPOSE = "regional-sharing"
 QR_AE = "REGIONALQR"
@@ -102,7 +103,7 @@ def store(node: RunningNode, *datasets: Dataset, calling_ae: str = MODALITY_AE) 
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    assoc = associate(ae, node.host, node.port, ae_title=node.ae_title)
     assert assoc.is_established
     statuses = []
     try:
@@ -127,7 +128,8 @@ def c_get(node: RunningNode, calling_ae: str, **keys: str) -> tuple[int | None, 
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     role = build_role(CTImageStorage, scp_role=True)
-    assoc = ae.associate(
+    assoc = associate(
+        ae,
         node.host,
         node.port,
         ae_title=node.ae_title,
@@ -167,7 +169,7 @@ def c_find(
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
     ae.add_requested_context(model)
-    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    assoc = associate(ae, node.host, node.port, ae_title=node.ae_title)
     assert assoc.is_established
     query = Dataset()
     for k, v in keys.items():
@@ -190,7 +192,7 @@ def c_move(node: RunningNode, calling_ae: str, destination_ae: str, **keys: str)
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    assoc = associate(ae, node.host, node.port, ae_title=node.ae_title)
     assert assoc.is_established
     query = Dataset()
     for k, v in keys.items():

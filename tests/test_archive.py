@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from dicom_node.archive.models import Instance, Patient, Series, Study
 from tests.conftest import MODALITY_AE, RunningNode, dataset_bytes
 from tests.corpus import CorpusFile
+from tests.scu_support import associate
 
 OTHER_UID = "2.25.999999999999999999999999999999999"
 
@@ -45,7 +46,7 @@ def _association(
     pairs = {(f.sop_class_uid, f.transfer_syntax_uid) for f in files} | set(extra)
     for sop_class, syntax in sorted(pairs):
         ae.add_requested_context(sop_class, [syntax])
-    assoc = ae.associate(running.host, running.port, ae_title=running.ae_title)
+    assoc = associate(ae, running.host, running.port, ae_title=running.ae_title)
     assert assoc.is_established, "the node did not accept the modality's association"
     try:
         yield assoc

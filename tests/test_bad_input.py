@@ -50,6 +50,7 @@ from tests.conftest import (
     storescu,
 )
 from tests.corpus import CorpusFile, make_small_series
+from tests.scu_support import associate
 
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 pytestmark = SQLITE_ONLY
@@ -83,7 +84,7 @@ def echo_ok(running: RunningNode) -> bool:
     ae = AE(ae_title=MODALITY_AE)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    assoc = ae.associate(running.host, running.port, ae_title=NODE_AE)
+    assoc = associate(ae, running.host, running.port, ae_title=NODE_AE)
     if not assoc.is_established:
         return False
     try:
@@ -99,7 +100,7 @@ def store_file(running: RunningNode, path: Path, sop_class: str, syntax: str) ->
     ae = AE(ae_title=MODALITY_AE)
     ae.add_requested_context(sop_class, syntax)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    assoc = ae.associate(running.host, running.port, ae_title=NODE_AE)
+    assoc = associate(ae, running.host, running.port, ae_title=NODE_AE)
     assert assoc.is_established
     try:
         status = assoc.send_c_store(path)
@@ -393,7 +394,7 @@ def test_p_data_claiming_4gib_inside_an_association_is_dropped(
     ae = AE(ae_title=MODALITY_AE)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    assoc = ae.associate(running_node.host, running_node.port, ae_title=NODE_AE)
+    assoc = associate(ae, running_node.host, running_node.port, ae_title=NODE_AE)
     assert assoc.is_established
     try:
         raw = assoc.dul.socket.socket

@@ -37,6 +37,7 @@ from tests.conftest import (
     write_config,
 )
 from tests.corpus import CorpusFile, make_small_series
+from tests.scu_support import associate
 
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
@@ -356,7 +357,7 @@ def test_serve_sigterm_drains_in_flight_association(tmp_path: Path, db_url: str)
         # an association held open by us: the node must keep serving it while draining
         ae = AE(ae_title=MODALITY_AE)
         ae.add_requested_context(Verification)
-        held = ae.associate("127.0.0.1", dicom_port, ae_title=NODE_AE)
+        held = associate(ae, "127.0.0.1", dicom_port, ae_title=NODE_AE)
         assert held.is_established
         lines: list[str] = []
         sender = subprocess.Popen(
@@ -420,7 +421,7 @@ def test_serve_sigterm_aborts_a_stuck_association_after_the_grace_period(
     with ServeProcess(config, http_port, tmp_path / "serve.log") as serve:
         ae = AE(ae_title=MODALITY_AE)
         ae.add_requested_context(Verification)
-        held = ae.associate("127.0.0.1", dicom_port, ae_title=NODE_AE)
+        held = associate(ae, "127.0.0.1", dicom_port, ae_title=NODE_AE)
         assert held.is_established
         try:
             started = time.monotonic()

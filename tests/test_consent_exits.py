@@ -64,6 +64,7 @@ from tests.identity_support import (
     regional_settings,
     store,
 )
+from tests.scu_support import associate
 
 
 @pytest.fixture
@@ -673,7 +674,7 @@ def test_no_patient_data_in_ordinary_logs(tmp_path: Path, caplog: pytest.LogCapt
         bad = make_ds("PID-SECRET-77", study_uid="not-a-uid", name="ZORGLUB^C")
         ae = AE(ae_title=MODALITY_AE)
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+        assoc = associate(ae, node.host, node.port, ae_title=node.ae_title)
         assert assoc.is_established
         try:
             status = assoc.send_c_store(bad)

@@ -24,6 +24,7 @@ from sqlalchemy import create_engine, text
 
 from tests.conftest import MODALITY_AE, NODE_AE, PACS_AE, RunningNode, run_tool
 from tests.corpus import CorpusFile
+from tests.scu_support import associate
 
 
 def storescu(running: RunningNode, path: object, *flags: str) -> str:
@@ -65,7 +66,7 @@ def _associate(running: RunningNode, calling: str, *contexts: str) -> object:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     for context in contexts:
         ae.add_requested_context(context)
-    return ae.associate(running.host, running.port, ae_title=NODE_AE)
+    return associate(ae, running.host, running.port, ae_title=NODE_AE)
 
 
 def _find_study(running: RunningNode) -> list[int]:

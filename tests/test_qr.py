@@ -33,6 +33,7 @@ from pynetdicom.sop_class import (
 
 from tests.conftest import PACS_AE, RunningNode, run_tool, storescu
 from tests.corpus import CorpusFile, make_small_series
+from tests.scu_support import associate
 
 PATIENT_ROOT = PatientRootQueryRetrieveInformationModelFind
 STUDY_ROOT = StudyRootQueryRetrieveInformationModelFind
@@ -196,7 +197,7 @@ def _qr_association(running: RunningNode, *contexts: str) -> Association:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
     for context in contexts:
         ae.add_requested_context(context)
-    assoc = ae.associate(running.host, running.port, ae_title=running.ae_title)
+    assoc = associate(ae, running.host, running.port, ae_title=running.ae_title)
     assert assoc.is_established
     return assoc
 
@@ -817,7 +818,8 @@ def _get_association(
     for sop_class, syntax in pairs:
         ae.add_requested_context(sop_class, [syntax])
     roles = [build_role(c, scp_role=True) for c in {c for c, _ in pairs}]
-    assoc = ae.associate(
+    assoc = associate(
+        ae,
         loaded_node.host,
         loaded_node.port,
         ae_title=loaded_node.ae_title,
@@ -1041,8 +1043,8 @@ def test_move_cancelled_by_the_requestor_stops_with_fe00(
     requestor.acse_timeout = requestor.dimse_timeout = requestor.network_timeout = 15
     requestor.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     try:
-        assoc = requestor.associate(
-            loaded_node.host, loaded_node.port, ae_title=loaded_node.ae_title
+        assoc = associate(
+            requestor, loaded_node.host, loaded_node.port, ae_title=loaded_node.ae_title
         )
         assert assoc.is_established
         on_store.requestor = assoc

@@ -40,6 +40,7 @@ from tests.conftest import (
     start_node,
 )
 from tests.corpus import CorpusFile, make_small_series
+from tests.scu_support import associate
 
 PURPOSE = "regional-sharing"
 QR_AE = "REGIONALQR"
@@ -362,7 +363,7 @@ def test_withdrawal_takes_effect_on_the_next_request(qr: QrSetup) -> None:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
     ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = ae.associate(qr.node.host, qr.node.port, ae_title=qr.node.ae_title)
+    assoc = associate(ae, qr.node.host, qr.node.port, ae_title=qr.node.ae_title)
     assert assoc.is_established
 
     def patients() -> set[str]:

@@ -64,6 +64,7 @@ from tests.conftest import (
     with_routes,
 )
 from tests.corpus import make_small_series
+from tests.scu_support import associate
 
 PATIENTS = [f"P-{n}" for n in range(5)]
 DESTINATIONS = ["dest0", "dest1", "dest2"]
@@ -283,7 +284,7 @@ def _send(host: str, port: int, item: Item) -> None:
     ae = AE(ae_title=MODALITY_AE)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
-    assoc = ae.associate(host, port, ae_title="CONSENTGATE")
+    assoc = associate(ae, host, port, ae_title="CONSENTGATE")
     assert assoc.is_established
     try:
         status = assoc.send_c_store(item.path)
