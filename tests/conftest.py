@@ -42,6 +42,12 @@ PG_ADMIN_DSN = os.environ.get(
 NODE_AE = "CONSENTGATE"
 MODALITY_AE = "STORESCU"
 PACS_AE = "QRSCU"
+#: Journal segment size of test nodes. A node creates its active segment and a spare,
+#: each written full of zeros, and leaves two free segments behind: with the production
+#: default (64 MiB) every test node wrote and left 128 MiB, about 20 GB per run of the
+#: suite, and three kept runs filled this machine's disk. The test instances (up to
+#: 0.5 MB) still go through the journal; the journal tests choose their own sizes.
+TEST_JOURNAL_SEGMENT_MB = 4
 
 
 def free_port() -> int:
@@ -90,6 +96,7 @@ def make_settings(data_dir: Path, db_url: str, **node_overrides: object) -> Sett
         data_dir=data_dir,
         database_url=db_url,
         shutdown_grace=5.0,
+        journal_segment_mb=TEST_JOURNAL_SEGMENT_MB,
     )
     node = replace(node, **node_overrides)  # type: ignore[arg-type]
     peers = (
@@ -303,6 +310,7 @@ def write_config(
         "data_dir": str(data_dir),
         "database_url": db_url,
         "shutdown_grace": 10.0,
+        "journal_segment_mb": TEST_JOURNAL_SEGMENT_MB,
         **node,
     }
     if peers is None:
