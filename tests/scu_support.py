@@ -31,6 +31,10 @@ class _Checkpoint(threading.Event):
     goes on while the reactor runs.  Here ``wait`` (called by the reactor only) marks the
     reactor running first and returns only if the checkpoint is still set; otherwise it
     marks it paused again and waits on.
+
+    The reactor also waits on the checkpoint before answering a network timeout with an
+    A-RELEASE, and expects ``_is_paused`` to stay set: that path must not be used with
+    this checkpoint (the tests keep pynetdicom's default answer, A-ABORT).
     """
 
     def __init__(self, assoc: Association) -> None:
