@@ -7,7 +7,6 @@ failure ends as one line on stderr and exit code 1. Changes are made in the name
 
 from __future__ import annotations
 
-import getpass
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cli.router_commands import open_runtime, restore_retracted
+from cli.router_commands import actor_name, open_runtime, restore_retracted
 from consent.errors import ConsentError
 from consent.identity import parse_iso_date
 
@@ -37,15 +36,6 @@ def _store(ctx: click.Context) -> Iterator[ConsentStore]:
     """A :class:`ConsentStore` on the configured database; errors become one line."""
     with open_runtime(ctx) as runtime:
         yield runtime.consent
-
-
-def _actor(by: str | None) -> str:
-    if by is not None and by.strip():
-        return by.strip()
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):
-        raise _cli_error("cannot tell who you are: pass --by NAME") from None
 
 
 def _read_text(path: Path) -> str:
@@ -113,7 +103,7 @@ def purpose_add(
     notice = _read_text(notice_file) if notice_file is not None else None
     with _store(ctx) as store:
         info = store.add_purpose(
-            code, name, reference=reference, model=model, notice_text=notice, actor=_actor(by)
+            code, name, reference=reference, model=model, notice_text=notice, actor=actor_name(by)
         )
     suffix = (
         f", notice v{info.notice_version} sha256 {info.notice_sha256}"
@@ -151,7 +141,7 @@ def purpose_notice(ctx: click.Context, code: str, notice_file: Path, by: str | N
     """Add a new version of the notice of purpose CODE."""
     text = _read_text(notice_file)
     with _store(ctx) as store:
-        version = store.add_notice(code, text, actor=_actor(by))
+        version = store.add_notice(code, text, actor=actor_name(by))
         info = store.notice(code, version)
     click.echo(f"purpose {code}: notice v{version} sha256 {info.sha256}")
 
@@ -228,7 +218,7 @@ def patient_add(
             birthplace_code=birthplace_code,
             establishment=establishment,
             allow_test_ins=allow_test_ins,
-            actor=_actor(by),
+            actor=actor_name(by),
         )
     click.echo(f"patient {issuer}/{patient_id} added (#{pk})")
 
@@ -256,7 +246,7 @@ def patient_import(
     """
     with _store(ctx) as store:
         report = store.import_patients_csv(
-            csv_file, actor=_actor(by), allow_test_ins=allow_test_ins
+            csv_file, actor=actor_name(by), allow_test_ins=allow_test_ins
         )
     if not report.ok:
         shown = "; ".join(str(p) for p in report.problems[:3])
@@ -347,7 +337,7 @@ def _decision_command(name: str, help_text: str) -> click.Command:
             "patient_id": patient_id,
             "purpose": purpose_code,
             "channel": channel,
-            "actor": _actor(by),
+            "actor": actor_name(by),
             "performed_by": "representative" if representative else "patient",
             "representative_name": representative,
             "evidence": evidence,
@@ -490,7 +480,7 @@ def consent_entered_in_error(
     When it was a refusal or withdrawal, the forward jobs it dropped are queued again
     (held, when the patient has not decided).
     """
-    actor = _actor(by)
+    actor = actor_name(by)
     with open_runtime(ctx) as runtime:
         marker = runtime.consent.mark_entered_in_error(event_id, actor=actor, reason=reason)
         click.echo(f"event {event_id} marked entered-in-error (event {marker})")

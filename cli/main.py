@@ -333,11 +333,11 @@ def studies_fix_patient_row(ctx: click.Context, study_uid: str, by: str | None) 
 
     from sqlalchemy.orm import Session
 
-    from cli.router_commands import _actor, open_runtime
+    from cli.router_commands import actor_name, open_runtime
     from consent.audit import append_audit, lock_for_write
     from dicom_node.archive.patient_rows import PatientRowError, RowChange, show_study_patient
 
-    actor = _actor(by)
+    actor = actor_name(by)
 
     def audit(session: Session, change: RowChange) -> None:
         lock_for_write(session)

@@ -51,7 +51,8 @@ def open_runtime(ctx: click.Context) -> Iterator[Runtime]:
         runtime.close()
 
 
-def _actor(by: str | None) -> str:
+def actor_name(by: str | None) -> str:
+    """Who runs a command, for the audit log: ``--by``, else the system user name."""
     if by and by.strip():
         return by.strip()
     try:
@@ -167,7 +168,7 @@ def queue_retry(
     """Put failed (dead-letter) jobs back in the queue."""
     if not job_ids and not all_failed:
         raise _error("name the job ids to retry, or pass --all-failed")
-    actor = _actor(by)
+    actor = actor_name(by)
     with open_runtime(ctx) as runtime:
         count = runtime.queue.retry_jobs(None if all_failed else list(job_ids))
         if count or all_failed:
@@ -192,7 +193,7 @@ def queue_retry(
 @click.pass_context
 def queue_drop(ctx: click.Context, job_ids: tuple[int, ...], reason: str, by: str | None) -> None:
     """Drop open or failed jobs: they will never be sent."""
-    actor = _actor(by)
+    actor = actor_name(by)
     with open_runtime(ctx) as runtime:
         count = runtime.queue.drop_jobs(list(job_ids), f"dropped by {actor}: {reason}")
         if count:
@@ -219,7 +220,7 @@ def queue_restore(ctx: click.Context, event_id: int, by: str | None) -> None:
 
     'consent entered-in-error' does this itself; run it when that step failed.
     """
-    actor = _actor(by)
+    actor = actor_name(by)
     with open_runtime(ctx) as runtime:
         message = restore_retracted(runtime, event_id, actor)
     click.echo(message)
@@ -325,7 +326,7 @@ def held_resolve(
         raise _error("pass either --issuer and --patient-id, or --reject")
     if not reject and (issuer is None or patient_id is None):
         raise _error("pass both --issuer and --patient-id")
-    actor = _actor(by)
+    actor = actor_name(by)
     with open_runtime(ctx) as runtime:
         result = _resolve_held(runtime, study_uid, issuer, patient_id, reject, actor)
     click.echo(result)

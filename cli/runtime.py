@@ -30,6 +30,7 @@ from consent.decision import Resolution
 from consent.service import ConsentStore
 from dicom_node.archive.files import InstanceFiles
 from dicom_node.archive.flusher import JournalFlusher
+from dicom_node.archive.header import dataset_offset
 from dicom_node.archive.index import ArchiveIndex
 from dicom_node.archive.journal import IngestJournal, sync_filesystem
 from dicom_node.archive.recovery import ReplayReport, replay_journal
@@ -319,9 +320,9 @@ class Ingest:
                 str(meta.MediaStorageSOPClassUID),
                 str(meta.MediaStorageSOPInstanceUID),
             )
+            dataset_start = dataset_offset(part10)
         except (InvalidDicomError, AttributeError, ValueError, EOFError) as exc:
             raise InvalidInstance(f"unreadable file meta ({type(exc).__name__})") from None
-        dataset_start = 144 + int.from_bytes(part10[140:144], "little")
         calling_ae = str(meta.get("SourceApplicationEntityTitle", "") or "").strip()
         issuer = replay_issuer(self._runtime.settings, calling_ae)
         if issuer is None and calling_ae not in self._unknown_senders:

@@ -154,6 +154,15 @@ def file_meta_bytes(
     return buffer.getvalue()
 
 
+def dataset_offset(part10: bytes | bytearray | memoryview) -> int:
+    """Where the data set starts in a Part 10 file (after the preamble, "DICM" and the
+    File Meta Information group, whose length element comes first); ``part10`` needs
+    only its first 144 bytes. Raises ValueError when it is not a Part 10 file."""
+    if len(part10) < len(_PREAMBLE) + 12 or bytes(part10[128:132]) != b"DICM":
+        raise ValueError("not a DICOM Part 10 file")
+    return len(_PREAMBLE) + 12 + int.from_bytes(part10[140:144], "little")
+
+
 def read_header(meta: bytes, dataset: bytes | bytearray | memoryview) -> InstanceHeader:
     """Parse the index attributes of an encoded dataset (see :func:`parse_header`)."""
     return parse_header(meta, dataset)[0]

@@ -19,7 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.archive.files import InstanceFiles
-from dicom_node.archive.header import InstanceHeader, read_header
+from dicom_node.archive.header import InstanceHeader, dataset_offset, read_header
 from dicom_node.archive.identity import PatientIdentity, load_identity
 from dicom_node.archive.models import Instance, Patient, Series, Study
 from dicom_node.errors import InvalidInstance
@@ -120,9 +120,10 @@ def _header_of(files: InstanceFiles, relative: str, size: int) -> InstanceHeader
         raise PatientRowError(
             f"cannot read an archived file ({exc.strerror or type(exc).__name__})"
         ) from None
-    if len(data) < 144 or data[128:132] != b"DICM":
-        raise PatientRowError("an archived file is not a DICOM Part 10 file")
-    start = 144 + int.from_bytes(data[140:144], "little")
+    try:
+        start = dataset_offset(data)
+    except ValueError:
+        raise PatientRowError("an archived file is not a DICOM Part 10 file") from None
     try:
         return read_header(data[:start], memoryview(data)[start:])
     except InvalidInstance as exc:
