@@ -18,7 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -309,6 +309,7 @@ class NodeHandlers:
             return
         self._metrics.queries.labels(query.level.name).inc()
         checks = _RequestAccess(self._access, peer.purpose)
+        study_sources: dict[int, list[IdentitySource]] = {}  # per study, for this request
         try:
             for row in self._find_rows(query.statement):
                 # the responses already queued cannot be recalled by a C-CANCEL
@@ -317,7 +318,11 @@ class NodeHandlers:
                     yield 0xFE00, None
                     return
                 patient = next(o for o in row if isinstance(o, Patient))
-                sources = self._identity_sources(row, query.level) if checks.purposes else []
+                sources = (
+                    self._identity_sources(row, query.level, study_sources)
+                    if checks.purposes
+                    else []
+                )
                 if not checks.allows(_patient_key(patient), sources):
                     continue
                 yield (
@@ -333,26 +338,36 @@ class NodeHandlers:
             self._audit_access("find", peer, checks, {"level": query.level.name})
         yield 0x0000, None
 
-    def _identity_sources(self, row: Any, level: Level) -> list[IdentitySource]:
-        """Where to read the identities of the instances a C-FIND row stands for: the
-        instance itself (IMAGE), else every instance of the series, study or patient (a
-        distinct stored identity once; a file for each instance without one)."""
-        if level is Level.IMAGE:
-            instance = next(o for o in row if isinstance(o, Instance))
-            path = self._archive.files.absolute(instance.path)
+    def _identity_sources(
+        self, row: Any, level: Level, per_study: dict[int, list[IdentitySource]]
+    ) -> list[IdentitySource]:
+        """Where to read the identities of the instances a C-FIND row stands for: every
+        instance of its patient (PATIENT level), else of its study (a distinct stored
+        identity once; a file for each instance without one).
+
+        A SERIES or IMAGE row is checked on its whole study, not on its series or
+        instance alone: it shows study attributes (description, accession number, date,
+        ``ModalitiesInStudy``, the study's counts) and, at IMAGE level, series ones, which
+        the instance that created the row wrote and every instance of the study counts;
+        an instance of someone else in the study must not show through them (so a study
+        is withheld at every level alike). ``per_study`` caches a study's sources for the
+        request."""
+        if level is Level.PATIENT:
             patient = next(o for o in row if isinstance(o, Patient))
-            return [self._source(instance.identity, path, patient.issuer, instance.calling_ae)]
-        if level is Level.SERIES:
-            series = next(o for o in row if isinstance(o, Series))
-            scope = Instance.series_pk == series.id
-        else:
-            if level is Level.STUDY:
-                study = next(o for o in row if isinstance(o, Study))
-                studies = select(Study.id).where(Study.id == study.id)
-            else:
-                patient = next(o for o in row if isinstance(o, Patient))
-                studies = select(Study.id).where(Study.patient_pk == patient.id)
-            scope = Instance.series_pk.in_(select(Series.id).where(Series.study_pk.in_(studies)))
+            studies = select(Study.id).where(Study.patient_pk == patient.id)
+            return self._scope_sources(
+                Instance.series_pk.in_(select(Series.id).where(Series.study_pk.in_(studies)))
+            )
+        study = next(o for o in row if isinstance(o, Study))
+        cached = per_study.get(study.id)
+        if cached is None:
+            cached = per_study[study.id] = self._scope_sources(
+                Instance.series_pk.in_(select(Series.id).where(Series.study_pk == study.id))
+            )
+        return cached
+
+    def _scope_sources(self, scope: ColumnElement[bool]) -> list[IdentitySource]:
+        """The identity sources of the instances ``scope`` selects."""
         with self._sessions() as session:
             stored = session.scalars(
                 select(Instance.identity).where(scope, Instance.identity.is_not(None)).distinct()
@@ -445,9 +460,20 @@ class NodeHandlers:
                     checks,
                     {"destination": destination.name if destination is not None else ""},
                 )
-                if len(matches) <= _MAX_SUBOPERATIONS:
+                # A purpose-bound requester learns nothing of what it may not see: the
+                # instances withheld from it are not counted (neither as failed
+                # sub-operations nor in a refusal), so the answer is the one it would get
+                # if they did not exist. Otherwise a retrieve whose keys match only a
+                # refused patient's data (a name, a birth date range) would tell, by its
+                # status, whether such data is archived. The audit entry has the counts.
+                # A care-team requester (no purpose: it may query everything) is told
+                # what the destination's purpose withheld.
+                visible = permitted if peer.purpose else matches
+                if len(visible) <= _MAX_SUBOPERATIONS:
+                    if peer.purpose:
+                        return permitted, 0, None
                     if matches and not permitted:
-                        status = _REFUSED  # nothing the purpose permits
+                        status = _REFUSED  # nothing the destination's purpose permits
                         self._metrics.errors.labels(service, hex(status)).inc()
                         return [], len(matches), status
                     return permitted, checks.withheld, None
@@ -467,9 +493,10 @@ class NodeHandlers:
             yield max(1, withheld)
             yield failure, None
             return
-        # withheld instances count as failed sub-operations: after the permitted ones a
-        # warning ends the operation and pynetdicom counts the remainder as failed. Their
-        # UIDs are not listed, so nothing is disclosed about them.
+        # withheld instances (only counted for a requester without purpose, see
+        # _prepare) are failed sub-operations: after the permitted ones a warning ends
+        # the operation and pynetdicom counts the remainder as failed. Their UIDs are not
+        # listed.
         yield len(matches) + withheld
         for match in matches:
             if event.is_cancelled:

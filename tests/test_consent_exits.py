@@ -102,7 +102,9 @@ def granted_and_refused(node) -> None:
 def test_foreign_instance_in_a_consented_study_is_withheld(node) -> None:
     """Instance B (refused patient) carries the StudyInstanceUID of a consented patient's
     study, so the index files B under that study: B's own identity still withholds it,
-    and the consented patient's instance is still served."""
+    and the consented patient's instance A is still served (C-GET sends A's own file).
+    C-FIND lists nothing of that study at any level: a SERIES or IMAGE answer shows study
+    attributes (B may have written them, and the study's counts include B)."""
     granted_and_refused(node)
     study = generate_uid()
     a = make_ds("P-GRANTED", study_uid=study)
@@ -126,23 +128,24 @@ def test_foreign_instance_in_a_consented_study_is_withheld(node) -> None:
         node, QR_AE, QueryRetrieveLevel="IMAGE", StudyInstanceUID=study, SOPInstanceUID=""
     )
     listed = {str(d.SOPInstanceUID) for d in found}
-    assert a.SOPInstanceUID in got and status == 0xB000  # B counted as a failed sub-operation
-    assert status2 == 0x0124  # nothing the purpose permits
-    assert a.SOPInstanceUID in listed
+    # B is neither sent nor counted: a purpose-bound peer is not told it exists
+    assert a.SOPInstanceUID in got and status == 0x0000
+    assert status2 == 0x0000
+    assert listed == set()
     assert not leaked_study and b.SOPInstanceUID not in got2 and b.SOPInstanceUID not in listed, (
         f"LEAK: study get status={status:#06x} got B={leaked_study}; "
         f"image get status={status2:#06x} got B={b.SOPInstanceUID in got2}; "
         f"find lists B={b.SOPInstanceUID in listed}"
     )
-    # above IMAGE level: A's series is listed, B's series is not, and the study (which
-    # holds B) is not listed at all (its counts and modalities include B)
+    # nor above IMAGE level: neither series (their answers carry the study's attributes)
+    # nor the study (its counts and modalities include B)
     series = {
         str(d.SeriesInstanceUID)
         for d in c_find(
             node, QR_AE, QueryRetrieveLevel="SERIES", StudyInstanceUID=study, SeriesInstanceUID=""
         )
     }
-    assert series == {str(a.SeriesInstanceUID)}
+    assert series == set()
     assert c_find(node, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study) == []
     # the care team (no purpose) sees everything
     assert (
@@ -161,24 +164,35 @@ def test_foreign_instance_in_a_consented_study_is_withheld(node) -> None:
 
 def test_identity_read_from_the_file_for_instances_indexed_without_one(node) -> None:
     """Instances indexed before the identity column (schema 0004) have none: the checks
-    read each file's identity instead, at every level."""
+    read each file's identity instead, at every level (a C-FIND answer for a study that
+    holds a refused patient's instance lists none of it)."""
     granted_and_refused(node)
     study = generate_uid()
     a = make_ds("P-GRANTED", study_uid=study)
     b = make_ds("P-REFUSED", study_uid=study)
-    assert store(node, a, b) == [0, 0]
+    other = generate_uid()
+    c = make_ds("P-GRANTED", study_uid=other)
+    assert store(node, a, b, c) == [0, 0, 0]
     with node.runtime.sessions.begin() as session:
         session.execute(update(ArchivedInstance).values(identity=None))
     status, got = c_get(node, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
-    assert got == {a.SOPInstanceUID} and status == 0xB000
+    assert got == {a.SOPInstanceUID} and status == 0x0000  # b withheld, not disclosed
     listed = {
         str(d.SOPInstanceUID)
         for d in c_find(
             node, QR_AE, QueryRetrieveLevel="IMAGE", StudyInstanceUID=study, SOPInstanceUID=""
         )
     }
-    assert listed == {a.SOPInstanceUID}
+    assert listed == set()
     assert c_find(node, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study) == []
+    # the check did read the files: a study of the consented patient alone is listed
+    listed = {
+        str(d.SOPInstanceUID)
+        for d in c_find(
+            node, QR_AE, QueryRetrieveLevel="IMAGE", StudyInstanceUID=other, SOPInstanceUID=""
+        )
+    }
+    assert listed == {c.SOPInstanceUID}
 
 
 def test_other_demographics_under_one_patient_id_are_not_listed(node) -> None:
@@ -401,7 +415,7 @@ def test_instance_whose_identity_cannot_be_stored_is_withheld(node) -> None:
     status, got = c_get(
         node, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=ds.StudyInstanceUID
     )
-    assert got == set() and status == 0x0124
+    assert got == set() and status == 0x0000  # withheld, not disclosed
 
 
 def test_file_check_tries_every_issuer_that_may_have_applied(tmp_path: Path, db_url: str) -> None:
@@ -434,7 +448,7 @@ def test_file_check_tries_every_issuer_that_may_have_applied(tmp_path: Path, db_
             session.execute(update(ArchivedInstance).values(identity=None))
             session.execute(update(ArchivedPatient).values(identity=None))
         status, got = c_get(running, QR_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
-        assert got == {a.SOPInstanceUID} and status == 0xB000
+        assert got == {a.SOPInstanceUID} and status == 0x0000  # x withheld, not disclosed
     finally:
         running.stop()
         running.runtime.close()

@@ -318,12 +318,20 @@ def _scan(
     unpack = struct.unpack_from
     pixel_at = end
     pos = 0
+    previous = -1
     while pos < end:
         if end - pos < 8 and not any(data[pos:end]):
             return end, pixel_at  # a few bytes of trailing NUL padding: pydicom ignores them
         start = pos
         group, elem = unpack(tag_format, data, pos)
         tag = group << 16 | elem
+        if tag <= previous:
+            # PS3.5 7.1: ascending tags, each at most once. A repeated or out-of-order
+            # element (say a second Patient ID after Pixel Data, which the header read
+            # never sees) would make a reader of the whole file see another patient
+            # than the one indexed and checked
+            raise InvalidInstance("data set elements are out of order or repeated")
+        previous = tag
         if tag == _PIXEL_DATA and pixel_at == end:
             pixel_at = pos
         if group == 0xFFFE:  # item / delimitation items carry no VR
@@ -355,6 +363,8 @@ def _scan(
             pos = _past_undefined(data, pos, end, vr, little, implicit)
             if pos < 0:
                 return -1, pixel_at
+        if tag in _IDENTITY_SEQUENCES:
+            _check_sequence(data, value_at, min(pos, end), vr, little=little, implicit=implicit)
         if collect is not None and collect.usable and tag <= collect.last:
             if tag <= collect.previous:
                 collect.usable = False  # out of order: pydicom's rules
@@ -408,10 +418,15 @@ def _past_undefined(
     )
 
 
-def _walk_item(data: memoryview, pos: int, end: int, *, little: bool, implicit: bool) -> int:
+def _walk_item(
+    data: memoryview, pos: int, end: int, *, little: bool, implicit: bool, ordered: bool = False
+) -> int:
     """Skip the elements of an undefined-length item from ``pos``; returns the offset
-    after its delimiter, or -1 when the encoding is cut short."""
+    after its delimiter, or -1 when the encoding is cut short. ``ordered``: an item of
+    an identity sequence, checked as :func:`_check_sequence` says (other sequences are
+    not: out-of-order private items are seen in the field, and pydicom reads them)."""
     order = "<" if little else ">"
+    previous = -1
     while pos < end:
         group, elem = struct.unpack_from(order + "HH", data, pos)
         if group == 0xFFFE:  # item / delimitation items carry no VR
@@ -422,10 +437,67 @@ def _walk_item(data: memoryview, pos: int, end: int, *, little: bool, implicit: 
             if length != _UNDEFINED:
                 pos += length
             continue
-        pos = _element(data, pos, end, order, little, implicit)[3]
+        if not ordered:
+            pos = _element(data, pos, end, order, little, implicit)[3]
+            if pos < 0:
+                return -1
+            continue
+        tag = group << 16 | elem
+        if tag <= previous:
+            raise InvalidInstance("sequence item elements are out of order or repeated")
+        previous = tag
+        vr, _, value_at, pos = _element(data, pos, end, order, little, implicit)
         if pos < 0:
             return -1
+        if tag in _IDENTITY_SEQUENCES:
+            _check_sequence(data, value_at, pos, vr, little=little, implicit=implicit)
     return -1
+
+
+#: Sequences the patient identity is read from (Other Patient IDs, Issuer of Patient ID
+#: Qualifiers): their items are checked for order whatever their length encoding.
+_IDENTITY_SEQUENCES = frozenset({0x00101002, 0x00100024})
+
+
+def _check_sequence(
+    data: memoryview, pos: int, end: int, vr: bytes, *, little: bool, implicit: bool
+) -> None:
+    """Check that every item of the sequence value ``data[pos:end]`` (up to its delimiter
+    when of undefined length) holds its elements in ascending order, each once, and so
+    do the identity sequences nested in them.
+
+    Raises
+    ------
+    InvalidInstance
+        An item repeats an element or holds them out of order.
+    """
+    if vr == b"UN":
+        little, implicit = True, True
+    order = "<" if little else ">"
+    while pos + 8 <= end:
+        group, elem, length = struct.unpack_from(order + "HHI", data, pos)
+        pos += 8
+        if (group, elem) != (0xFFFE, 0xE000):
+            return  # the sequence delimiter, or malformed (the walk reports that)
+        if length == _UNDEFINED:
+            pos = _walk_item(data, pos, end, little=little, implicit=implicit, ordered=True)
+            if pos < 0:
+                return
+            continue
+        item_end = min(pos + length, end)
+        previous = -1
+        while pos + 8 <= item_end:
+            group, elem = struct.unpack_from(order + "HH", data, pos)
+            tag = group << 16 | elem
+            if tag <= previous:
+                raise InvalidInstance("sequence item elements are out of order or repeated")
+            previous = tag
+            inner_vr, _, value_at, pos = _element(data, pos, item_end, order, little, implicit)
+            if pos < 0:
+                return
+            if tag in _IDENTITY_SEQUENCES:
+                _check_sequence(data, value_at, pos, inner_vr, little=little, implicit=implicit)
+        pos = item_end
 
 
 def _walk_items(data: memoryview, pos: int, end: int, *, little: bool, implicit: bool) -> int:

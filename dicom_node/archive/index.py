@@ -191,7 +191,19 @@ class ArchiveIndex:
     def _create_parents(
         self, conn: Connection, header: InstanceHeader, issuer: str, identity: str | None
     ) -> tuple[int, int, bool]:
-        """Find or create the patient, study and series rows of an instance."""
+        """Find or create the patient, study and series rows of an instance.
+
+        An existing series keeps its study (as on a hit of the series cache): an instance
+        naming another study with a Series Instance UID already filed is counted in the
+        series' own study, never in the study its header names.
+        """
+        known = conn.execute(
+            select(Series.id, Series.study_pk).where(
+                Series.series_instance_uid == header.series_instance_uid
+            )
+        ).first()
+        if known is not None:
+            return int(known.study_pk), int(known.id), False
         dialect_insert = _insert_for(conn)
         patient_pk = _get_or_create(
             conn,
