@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cli.router_commands import actor_name, open_runtime, restore_retracted
+from cli.router_commands import ROW_ID, actor_name, open_runtime, restore_retracted
 from consent.errors import ConsentError
 from consent.identity import parse_iso_date
 
@@ -381,7 +381,7 @@ def _decision_command(name: str, help_text: str) -> click.Command:
         click.Option(["--evidence"], default=None, help="Proof (form reference, ...)."),
         click.Option(
             ["--notice-version"],
-            type=click.IntRange(1),
+            type=ROW_ID,
             default=None,
             help="Notice version shown (default: latest).",
         ),
@@ -468,7 +468,7 @@ def consent_export_fhir(
 
 
 @consent.command("entered-in-error")
-@click.argument("event_id", type=int)
+@click.argument("event_id", type=ROW_ID)
 @click.option("--reason", required=True, help="Why the event was a mistake.")
 @_by_option
 @click.pass_context

@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from cli import database
@@ -62,15 +63,30 @@ class AppContext:
                 raise ConfigProblem(str(exc)) from None
         return self._settings
 
-    def runtime(self, *, require_schema: bool = True) -> Runtime:
+    def runtime(self, *, require_schema: bool = True, create: bool = False) -> Runtime:
+        """The process's services. Only ``create`` (``init``, ``db upgrade``) may create
+        the embedded SQLite database: any other command on a missing one says to run
+        ``init`` and leaves nothing behind."""
+        settings = self.settings
+        database = _sqlite_file(settings.node.effective_database_url)
+        if not create and database is not None and not database.exists():
+            raise CliError(
+                f"no database at {database}: run 'consentgate init' first "
+                "(or check node.data_dir / node.database_url)"
+            )
         try:
-            runtime = build_runtime(self.settings)
+            runtime = build_runtime(settings)
             if require_schema:
                 check_schema(runtime)
         except SchemaOutOfDate as exc:
             raise CliError(str(exc)) from None
         except SQLAlchemyError as exc:
             raise CliError(f"cannot open the database: {_first_line(exc)}") from None
+        except OSError as exc:  # the data directory cannot be created or used
+            where = f": {exc.filename}" if exc.filename else ""
+            raise CliError(
+                f"cannot use the data directory ({exc.strerror or type(exc).__name__}{where})"
+            ) from None
         return runtime
 
     def peer(self, name: str) -> PeerSettings:
@@ -79,6 +95,14 @@ class AppContext:
             known = ", ".join(p.name for p in self.settings.peers) or "none"
             raise CliError(f"unknown peer '{name}' (configured peers: {known})")
         return peer
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file of an SQLite database URL (``None`` for another database)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return None
+    return Path(parsed.database)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -91,10 +115,11 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # pynetdicom logs each DIMSE message at INFO; keep its warnings and errors only
-    logging.getLogger("pynetdicom").setLevel(
-        logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
-    )
+    # pynetdicom logs each DIMSE message at INFO, Alembic its dialect whenever the schema
+    # revision is read (every command): keep their warnings and errors only
+    quiet = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
+    for name in ("pynetdicom", "alembic"):
+        logging.getLogger(name).setLevel(quiet)
 
 
 @click.group()
@@ -126,7 +151,7 @@ def cli(ctx: click.Context, config_path: str | None, log_level: str) -> None:
 def init(app: AppContext) -> None:
     """Create the data directory and the database schema (safe to run again)."""
     settings = app.settings
-    runtime = app.runtime(require_schema=False)
+    runtime = app.runtime(require_schema=False, create=True)
     try:
         removed = runtime.files.prepare()
         revision = database.upgrade(runtime.engine)
@@ -150,7 +175,7 @@ def db() -> None:
 @click.pass_obj
 def db_upgrade(app: AppContext) -> None:
     """Apply pending schema migrations."""
-    runtime = app.runtime(require_schema=False)
+    runtime = app.runtime(require_schema=False, create=True)
     try:
         before = database.current_revision(runtime.engine)
         after = database.upgrade(runtime.engine)
@@ -232,25 +257,33 @@ def serve(app: AppContext) -> None:
 def status(app: AppContext) -> None:
     """Show the archive's content and whether a running node answers."""
     settings = app.settings
-    runtime = app.runtime(require_schema=False)
-    try:
-        revision = database.current_revision(runtime.engine)
-        counts = runtime.index.counts() if revision == database.head_revision() else None
-    except SQLAlchemyError as exc:
-        raise CliError(f"cannot read the database: {_first_line(exc)}") from None
-    finally:
-        runtime.close()
     node = settings.node
+    missing = _sqlite_file(node.effective_database_url)
+    if missing is not None and missing.exists():
+        missing = None
+    revision, counts = None, None
+    if missing is None:
+        runtime = app.runtime(require_schema=False)
+        try:
+            revision = database.current_revision(runtime.engine)
+            counts = runtime.index.counts() if revision == database.head_revision() else None
+        except SQLAlchemyError as exc:
+            raise CliError(f"cannot read the database: {_first_line(exc)}") from None
+        finally:
+            runtime.close()
     click.echo(f"configuration: {settings.source}")
     click.echo(f"node: {node.ae_title} DICOM {node.dicom_host}:{node.dicom_port}")
     click.echo(f"data directory: {node.data_dir}")
-    click.echo(f"database: {_safe_url(node.effective_database_url)} (schema {revision})")
-    if counts is None:
-        click.echo("archive: schema not current (run 'consentgate db upgrade')")
+    if missing is not None:
+        click.echo(f"database: {missing} does not exist (run 'consentgate init')")
     else:
-        for key in ("patients", "studies", "series", "instances"):
-            click.echo(f"{key}: {counts[key]}")
-        click.echo(f"bytes: {counts['bytes']}")
+        click.echo(f"database: {_safe_url(node.effective_database_url)} (schema {revision})")
+        if counts is None:
+            click.echo("archive: schema not current (run 'consentgate db upgrade')")
+        else:
+            for key in ("patients", "studies", "series", "instances"):
+                click.echo(f"{key}: {counts[key]}")
+            click.echo(f"bytes: {counts['bytes']}")
     click.echo(f"running: {'yes' if _node_answers(node.http_host, node.http_port) else 'no'}")
 
 

@@ -17,13 +17,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from consent.decision import Outcome
 from consent.errors import ConsentError
 from dicom_node.archive.attributes import attributes_of
-from dicom_node.archive.identity import load_identity
+from dicom_node.archive.header import dataset_offset, scan_dataset
+from dicom_node.archive.identity import PatientIdentity, load_identity
 from dicom_node.archive.models import Instance, Patient, Series, Study
+from dicom_node.errors import InvalidInstance
 from router.consent_sync import Restore, restore_after_retraction
 from router.decisions import failed
 from router.facts import IDENTITY_KEYWORDS, patient_facts, route_attributes
 from router.models import ForwardJob, HoldReason, JobState
-from router.queue import CONSENT_DROP_PREFIX
+from router.queue import CONSENT_DROP_PREFIX, JobsNotEligible
 
 if TYPE_CHECKING:
     from cli.runtime import Runtime
@@ -49,6 +51,11 @@ def open_runtime(ctx: click.Context) -> Iterator[Runtime]:
         raise _error(f"database error: {text}") from None
     finally:
         runtime.close()
+
+
+#: A row id given on the command line (job, event): a positive 64-bit integer, what the
+#: databases hold (a larger number is a usage error, not a driver's overflow).
+ROW_ID = click.IntRange(1, 2**63 - 1)
 
 
 def actor_name(by: str | None) -> str:
@@ -91,8 +98,11 @@ def route_test(
         for path in files:
             try:
                 ds = dcmread(path, stop_before_pixels=True, specific_tags=keywords)
-            except (InvalidDicomError, OSError, ValueError) as exc:
+                _check_as_the_node_would(path, str(ds.file_meta.TransferSyntaxUID))
+            except (InvalidDicomError, OSError, ValueError, AttributeError) as exc:
                 raise _error(f"{path}: not a readable DICOM file ({type(exc).__name__})") from None
+            except InvalidInstance as exc:
+                raise _error(f"{path}: the node would refuse this file: {exc}") from None
             read = attributes_of(ds, keywords)
             attributes = route_attributes(read, runtime.routes.keywords())
             facts = patient_facts(read, issuer)
@@ -111,6 +121,29 @@ def route_test(
                 click.echo(
                     f"  route {job.route} -> {job.destination}, purpose {purpose}: {what}{note}"
                 )
+
+
+def _check_as_the_node_would(path: Path, transfer_syntax_uid: str) -> None:
+    """The checks the node makes of a received data set (complete, well-formed, required
+    UIDs present): ``route test`` answers only for a file the node would store.
+
+    Raises
+    ------
+    InvalidInstance
+        The node would refuse it.
+    ValueError
+        Not a Part 10 file.
+    """
+    part10 = path.read_bytes()
+    dataset = memoryview(part10)[dataset_offset(part10) :]
+    scanned = scan_dataset(dataset, transfer_syntax_uid, frozenset())
+    if scanned.fast is not None:
+        uids = (scanned.fast[0].sop_class_uid, scanned.fast[0].sop_instance_uid)
+    else:  # an encoding the fast reader leaves to pydicom
+        full = dcmread(path, stop_before_pixels=True)
+        uids = (str(full.get("SOPClassUID", "")), str(full.get("SOPInstanceUID", "")))
+    if not all(uids):
+        raise InvalidInstance("SOP Class or SOP Instance UID missing")
 
 
 # -- queue ---------------------------------------------------------------------------
@@ -158,7 +191,7 @@ def queue_list(ctx: click.Context, state: str | None, destination: str | None, l
 
 
 @queue_group.command("retry")
-@click.argument("job_ids", nargs=-1, type=int)
+@click.argument("job_ids", nargs=-1, type=ROW_ID)
 @click.option("--all-failed", is_flag=True, help="Retry every failed job.")
 @click.option("--by", default=None, metavar="NAME")
 @click.pass_context
@@ -170,7 +203,13 @@ def queue_retry(
         raise _error("name the job ids to retry, or pass --all-failed")
     actor = actor_name(by)
     with open_runtime(ctx) as runtime:
-        count = runtime.queue.retry_jobs(None if all_failed else list(job_ids))
+        try:
+            count = runtime.queue.retry_jobs(None if all_failed else list(job_ids))
+        except JobsNotEligible as exc:
+            raise _error(
+                f"nothing queued again: job(s) {exc} are unknown or not failed (only failed "
+                "jobs can be retried)"
+            ) from None
         if count or all_failed:
             runtime.consent.audit(
                 actor=actor,
@@ -178,16 +217,11 @@ def queue_retry(
                 target="router_job",
                 details={"jobs": list(job_ids) or "all-failed", "count": count},
             )
-    if job_ids and not all_failed and count < len(job_ids):
-        raise _error(
-            f"{count} of {len(job_ids)} job(s) queued again: the others are unknown or "
-            "not failed (only failed jobs can be retried)"
-        )
     click.echo(f"{count} job(s) queued again")
 
 
 @queue_group.command("drop")
-@click.argument("job_ids", nargs=-1, type=int, required=True)
+@click.argument("job_ids", nargs=-1, type=ROW_ID, required=True)
 @click.option("--reason", required=True, help="Why (kept with the job and in the audit log).")
 @click.option("--by", default=None, metavar="NAME")
 @click.pass_context
@@ -195,7 +229,12 @@ def queue_drop(ctx: click.Context, job_ids: tuple[int, ...], reason: str, by: st
     """Drop open or failed jobs: they will never be sent."""
     actor = actor_name(by)
     with open_runtime(ctx) as runtime:
-        count = runtime.queue.drop_jobs(list(job_ids), f"dropped by {actor}: {reason}")
+        try:
+            count = runtime.queue.drop_jobs(list(job_ids), f"dropped by {actor}: {reason}")
+        except JobsNotEligible as exc:
+            raise _error(
+                f"nothing dropped: job(s) {exc} are unknown, sent or already dropped"
+            ) from None
         if count:
             runtime.consent.audit(
                 actor=actor,
@@ -203,16 +242,11 @@ def queue_drop(ctx: click.Context, job_ids: tuple[int, ...], reason: str, by: st
                 target="router_job",
                 details={"jobs": list(job_ids), "count": count, "reason": reason},
             )
-    if count < len(job_ids):
-        raise _error(
-            f"{count} of {len(job_ids)} job(s) dropped: the others are unknown, sent or "
-            "already dropped"
-        )
     click.echo(f"{count} job(s) dropped")
 
 
 @queue_group.command("restore")
-@click.argument("event_id", type=int)
+@click.argument("event_id", type=ROW_ID)
 @click.option("--by", default=None, metavar="NAME")
 @click.pass_context
 def queue_restore(ctx: click.Context, event_id: int, by: str | None) -> None:
@@ -332,25 +366,30 @@ def held_resolve(
     click.echo(result)
 
 
-def _patients_named(
-    instances: Iterable[tuple[str | None, str, str]],
-) -> set[tuple[str, str]]:
-    """The (issuer, Patient ID) pairs held instances name, from ``(stored identity, row
-    issuer, row Patient ID)``: the stored identity, else (indexed before it was kept) the
-    archive row's; an unstorable identity names a pair of its own, so it never joins a
-    link with others."""
-    named: set[tuple[str, str]] = set()
+def _people_named(instances: Iterable[tuple[str | None, str, str]]) -> int:
+    """How many different people held instances name, from ``(stored identity, row
+    issuer, row Patient ID)``.
+
+    Two instances name the same person when their stored identities are equal: issuer
+    and Patient ID, but also birth date, sex and INS (two people under one Patient ID
+    differ there). An instance indexed before identities were kept counts by the archive
+    row's issuer and Patient ID; an unstorable identity counts as a person of its own,
+    so that it never joins a link with others.
+    """
+    pairs: set[tuple[str, str]] = set()
+    identities: set[PatientIdentity] = set()
     for index, (text, row_issuer, row_patient_id) in enumerate(instances):
         if text is None:
-            named.add((row_issuer, row_patient_id))
+            pairs.add((row_issuer, row_patient_id))
             continue
         try:
             identity = load_identity(text)
         except ValueError:
-            named.add(("", f"unstorable-{index}"))
+            pairs.add(("", f"unstorable-{index}"))
             continue
-        named.add((identity.issuer, identity.patient_id))
-    return named
+        pairs.add((identity.issuer, identity.patient_id))
+        identities.add(identity)
+    return max(len(pairs), len(identities))
 
 
 def _resolve_held(
@@ -387,18 +426,26 @@ def _resolve_held(
         ids_by_purpose.setdefault(purpose, []).append(job_id)
     details: dict[str, Any] = {"study": study_uid, "jobs": len(job_rows)}
     if reject:
-        count = runtime.queue.drop_jobs([row[0] for row in job_rows], f"rejected by {actor}")
+        try:
+            count = runtime.queue.drop_jobs([row[0] for row in job_rows], f"rejected by {actor}")
+        except JobsNotEligible:
+            raise _error(
+                f"the held jobs of study {study_uid} changed meanwhile: nothing rejected, "
+                "run the command again"
+            ) from None
         details["result"] = "rejected"
         runtime.consent.audit(actor=actor, action="held.reject", target=study_uid, details=details)
         return f"{count} job(s) of study {study_uid} dropped"
     assert issuer is not None and patient_id is not None
-    named = _patients_named((row[2], row[3], row[4]) for row in job_rows)
-    if len(named) != 1:
-        # a study UID reused across patients: one link would give all of them one patient
+    people = _people_named((row[2], row[3], row[4]) for row in job_rows)
+    if people != 1:
+        # a study UID reused across patients, or two people under one Patient ID (other
+        # birth date, sex or INS): one link would give all of them one patient
         raise _error(
-            f"study {study_uid} holds instances naming {len(named) or 'unknown'} different "
-            "patient(s): it cannot be linked to one patient as a whole; reject it "
-            "(--reject) and have the sender correct and resend the instances"
+            f"study {study_uid} holds instances naming {people} different patients "
+            "(Patient ID, birth date, sex or INS differ): it cannot be linked to one "
+            "patient as a whole; reject it (--reject) and have the sender correct and "
+            "resend the instances"
         )
     patient_pk = runtime.consent.find_patient(issuer, patient_id)
     if patient_pk is None:

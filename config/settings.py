@@ -11,10 +11,13 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 DEFAULT_CONFIG_NAME = "consentgate.toml"
 ENV_VAR = "CONSENTGATE_CONFIG"
@@ -208,6 +211,8 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         raise ConfigError(f"{located}: cannot read configuration file ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{located}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{located}: invalid TOML: nested too deeply") from None
     return parse_settings(raw, source=str(located), base_dir=located.parent)
 
 
@@ -233,21 +238,51 @@ def parse_settings(raw: Mapping[str, Any], *, source: str, base_dir: Path) -> Se
         _parse_route(_table(item, source, f"routes[{i}]"), source, f"routes[{i}]", set(names))
         for i, item in enumerate(routes_raw)
     )
-    purposes = {p.name: p.purpose for p in peers}
-    for i, route in enumerate(routes):
-        bound = [d for d in route.destinations if purposes.get(d)]
-        if bound and not route.purpose:
-            raise ConfigError(
-                f"{source}: routes[{i}] ('{route.name}') has no purpose but sends to peer "
-                f"'{bound[0]}', which has purpose '{purposes[bound[0]]}': give the route a "
-                "purpose (what reaches a purpose-bound peer needs the patient's consent)"
-            )
+    _check_route_purposes(routes, {p.name: p.purpose for p in peers}, source)
     route_names = [r.name for r in routes]
     for name in route_names:
         if route_names.count(name) > 1:
             raise ConfigError(f"{source}: routes.name '{name}' is defined more than once")
     router = _parse_router(_table(raw.get("router", {}), source, "router"), source)
     return Settings(node=node, peers=peers, routes=routes, router=router, source=source)
+
+
+def _check_route_purposes(
+    routes: Sequence[RouteSettings], peer_purposes: Mapping[str, str], source: str
+) -> None:
+    """What reaches a destination is checked against one purpose, known from the
+    configuration alone.
+
+    - A route to a purpose-bound peer carries that peer's purpose: the peer's users see
+      what it receives under its purpose (the same check as its C-MOVE and C-GET), so a
+      route may not reach it under another purpose, nor under none.
+    - The routes that name one destination with a purpose all carry the same one: a job
+      is checked against one purpose, and an instance that two routes with different
+      purposes match would otherwise be sent on the consent of either.
+    """
+    by_destination: dict[str, tuple[int, RouteSettings]] = {}
+    for i, route in enumerate(routes):
+        for dest in route.destinations:
+            bound = peer_purposes.get(dest, "")
+            if bound and route.purpose != bound:
+                has = f"purpose '{route.purpose}'" if route.purpose else "no purpose"
+                raise ConfigError(
+                    f"{source}: routes[{i}] ('{route.name}') has {has} but sends to peer "
+                    f"'{dest}', which has purpose '{bound}': give the route purpose "
+                    f"'{bound}' (what reaches a purpose-bound peer needs the patient's "
+                    "consent to that peer's purpose)"
+                )
+            if not route.purpose:
+                continue
+            first = by_destination.setdefault(dest, (i, route))
+            if first[1].purpose != route.purpose:
+                raise ConfigError(
+                    f"{source}: routes[{i}] ('{route.name}') sends to '{dest}' for purpose "
+                    f"'{route.purpose}', but routes[{first[0]}] ('{first[1].name}') sends "
+                    f"there for purpose '{first[1].purpose}': the routes to one destination "
+                    "may carry one purpose only (an instance both match would be sent on "
+                    "the consent to either)"
+                )
 
 
 def _parse_router(tbl: Mapping[str, Any], source: str) -> RouterSettings:
@@ -285,8 +320,7 @@ def _parse_router(tbl: Mapping[str, Any], source: str) -> RouterSettings:
 def _parse_node(tbl: Mapping[str, Any], source: str, base_dir: Path) -> NodeSettings:
     defaults = NodeSettings()
     _known(tbl, set(NodeSettings.__dataclass_fields__), source, "node")
-    data_dir_raw = _str(tbl, "data_dir", str(defaults.data_dir), source, "node")
-    data_dir = Path(data_dir_raw).expanduser()
+    data_dir = _data_dir(_str(tbl, "data_dir", str(defaults.data_dir), source, "node"), source)
     if not data_dir.is_absolute():
         data_dir = (base_dir / data_dir).resolve()
     node = NodeSettings(
@@ -312,9 +346,45 @@ def _parse_node(tbl: Mapping[str, Any], source: str, base_dir: Path) -> NodeSett
             tbl, "journal_segment_mb", defaults.journal_segment_mb, source, "node", 0, 4096
         ),
     )
-    if node.database_url and not node.database_url.startswith(("sqlite", "postgresql")):
-        raise ConfigError(f"{source}: node.database_url must start with 'sqlite' or 'postgresql'")
+    if node.database_url:
+        _check_database_url(node.database_url, source)
     return node
+
+
+def _data_dir(raw: str, source: str) -> Path:
+    """``node.data_dir`` as a path (``~`` expanded)."""
+    if "\x00" in raw:
+        raise ConfigError(f"{source}: node.data_dir must not contain a NUL character")
+    try:
+        return Path(raw).expanduser()
+    except RuntimeError:  # ~user of an unknown user, or no home directory
+        raise ConfigError(
+            f"{source}: node.data_dir: cannot expand '~' in {raw!r} (no such user or home)"
+        ) from None
+
+
+def _check_database_url(url: str, source: str) -> None:
+    """Refuse a database URL that cannot be used: not SQLite or PostgreSQL, unparseable,
+    a driver that is not installed, or an in-memory SQLite database (nothing would be
+    kept)."""
+    if not url.startswith(("sqlite", "postgresql")):
+        raise ConfigError(f"{source}: node.database_url must start with 'sqlite' or 'postgresql'")
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect().import_dbapi()  # the driver must be installed
+        _ = parsed.port  # a malformed port raises
+    except ImportError as exc:
+        raise ConfigError(
+            f"{source}: node.database_url: driver not installed ({exc.name or exc}); "
+            "use 'postgresql+psycopg://...' or 'sqlite:///PATH'"
+        ) from None
+    except (ValueError, ArgumentError) as exc:
+        raise ConfigError(f"{source}: node.database_url cannot be parsed ({exc})") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ConfigError(
+            f"{source}: node.database_url: an in-memory SQLite database keeps nothing; "
+            "give a file (sqlite:///PATH) or leave it empty for <data_dir>/consentgate.db"
+        )
 
 
 def _parse_peer(tbl: Mapping[str, Any], source: str, where: str) -> PeerSettings:
@@ -336,10 +406,13 @@ def _parse_peer(tbl: Mapping[str, Any], source: str, where: str) -> PeerSettings
     name = _str(tbl, "name", "", source, where)
     if not name:
         raise ConfigError(f"{source}: {where}.name must not be empty")
+    host = _str(tbl, "host", "", source, where).strip()
+    if not host:
+        raise ConfigError(f"{source}: {where}.host must not be empty")
     return PeerSettings(
         name=name,
         ae_title=_ae(tbl, "ae_title", "", source, where),
-        host=_str(tbl, "host", "", source, where),
+        host=host,
         port=_port(tbl, "port", 0, source, where),
         services=frozenset(services_raw),
         issuer=_str(tbl, "issuer", "", source, where),
@@ -364,6 +437,8 @@ def _parse_route(
     for dest in dest_raw:
         if dest not in peer_names:
             raise ConfigError(f"{source}: {where}.destinations names unknown peer '{dest}'")
+    if len(set(dest_raw)) != len(dest_raw):
+        raise ConfigError(f"{source}: {where}.destinations names a peer more than once")
     match_raw = _table(tbl.get("match", {}), source, f"{where}.match")
     conditions = tuple(
         _parse_condition(key, value, source, f"{where}.match.{key}")

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import Engine, Integer, any_, bindparam, create_engine, select
+from sqlalchemy import Engine, Integer, any_, bindparam, create_engine, exists, select
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.sql import Select
+from sqlalchemy.sql import ColumnElement, Select
 
-from consent.models import ConsentState, Patient
+from consent.models import ConsentState, Patient, Purpose
 
 
 class Outcome(enum.Enum):
@@ -131,6 +131,19 @@ def state_query(many: bool, array: bool = False) -> Select[Any]:
     if many:
         return stmt.where(Patient.id.in_(bindparam("patients", expanding=True)))
     return stmt.where(Patient.id == bindparam("patient"))
+
+
+def refusal_in_force(patient_pk: int, purpose_code: str) -> ColumnElement[bool]:
+    """A condition true while the patient's current decision for the purpose is a
+    refusal (or withdrawal): for a statement that must act on a refusal only while it
+    still holds, in the statement itself (a grant committed after the refusal was read
+    turns it false)."""
+    return exists().where(
+        ConsentState.patient_pk == patient_pk,
+        ConsentState.decision == "deny",
+        ConsentState.purpose_pk
+        == select(Purpose.id).where(Purpose.code == purpose_code).scalar_subquery(),
+    )
 
 
 class StateReader:

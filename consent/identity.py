@@ -123,15 +123,19 @@ def validate_traits(
         An empty name, a first name that is not the first of ``first_names``, a birth
         date in the future, a sex other than F/M/U, a malformed INSEE birthplace code.
     """
-    birth_name = " ".join(birth_name.split())
-    first_name = " ".join(first_name.split())
+    birth_name = check_printable(" ".join(birth_name.split()), "birth name")
+    first_name = check_printable(" ".join(first_name.split()), "first name")
     if not birth_name:
         raise InvalidIdentity("birth name is required")
     if not first_name:
         raise InvalidIdentity("first name is required")
     if len(birth_name) > 100 or len(first_name) > 100:
         raise InvalidIdentity("names are limited to 100 characters")
-    names = tuple(" ".join(n.split()) for n in first_names) if first_names else (first_name,)
+    names = (
+        tuple(check_printable(" ".join(n.split()), "first names") for n in first_names)
+        if first_names
+        else (first_name,)
+    )
     names = tuple(n for n in names if n)
     if not names or names[0] != first_name:
         raise InvalidIdentity("first name must be the first of the birth given names")
@@ -212,6 +216,43 @@ def parse_dicom_date(value: str) -> date | None:
         return date(int(value[:4]), int(value[4:6]), int(value[6:]))
     except ValueError:
         return None
+
+
+def check_printable(value: str, what: str) -> str:
+    """``value`` unchanged when it holds no control or format character (Unicode
+    categories Cc and Cf: terminal escape sequences, DEL, bidirectional overrides), which
+    would reach operators' terminals, exports and letters as is.
+
+    Raises
+    ------
+    InvalidIdentity
+        ``value`` holds one.
+    """
+    if any(unicodedata.category(c) in ("Cc", "Cf") for c in value):
+        raise InvalidIdentity(f"{what} must not contain control characters")
+    return value
+
+
+def clean_text(value: str | None, what: str, limit: int, *, lines: bool = False) -> str | None:
+    """A free-text field: white space collapsed (``lines``: within each line, empty lines
+    dropped), printable, at most ``limit`` characters; ``None`` when empty.
+
+    Raises
+    ------
+    InvalidIdentity
+        A control character, or longer than ``limit``.
+    """
+    if value is None:
+        return None
+    if lines:
+        kept = [" ".join(line.split()) for line in value.splitlines()]
+        text = "\n".join(line for line in kept if line)
+        check_printable(text.replace("\n", " "), what)
+    else:
+        text = check_printable(" ".join(value.split()), what)
+    if len(text) > limit:
+        raise InvalidIdentity(f"{what} is limited to {limit} characters")
+    return text or None
 
 
 def search_key(*parts: str | None) -> str:

@@ -193,7 +193,7 @@ class Patients:
                 phone=p.phone,
                 postal_address=p.postal_address,
                 establishment=p.establishment,
-                search_text=search_key(p.birth_name, p.usage_name, " ".join(p.first_names)),
+                search_text=search_key(p.birth_name, p.usage_name, " ".join(p.first_names))[:400],
                 created_at=now,
             )
             for p in patients

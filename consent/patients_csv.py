@@ -28,13 +28,16 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date
+from typing import Any
 
 from consent.errors import ConsentError
 from consent.identity import (
     INS_NIR_OID,
     check_matricule_traits,
+    clean_text,
     ins_kind,
     parse_iso_date,
     validate_email,
@@ -163,7 +166,7 @@ def validate_patient(
         kind = ins_kind(ins_oid.strip(), allow_test_ins=allow_test_ins)
         matricule = validate_matricule(ins)
         check_matricule_traits(matricule, traits.sex, traits.birth_date)
-    usage = " ".join(usage_name.split()) if usage_name else None
+    usage = clean_text(usage_name, "usage name", 100)
     return PatientInput(
         issuer=validate_issuer(issuer),
         patient_id=validate_patient_id(patient_id),
@@ -179,10 +182,25 @@ def validate_patient(
         ins_oid=ins_oid.strip(),
         ins_kind=kind,
         birthplace_code=traits.birthplace_code,
-        establishment=(establishment or "").strip() or None,
-        postal_address=(postal_address or "").strip() or None,
+        establishment=clean_text(establishment, "establishment", 64),
+        postal_address=clean_text(postal_address, "postal address", 1000, lines=True),
         line=line,
     )
+
+
+def _records(reader: Any, problems: list[ImportProblem]) -> Iterator[list[str]]:
+    """The reader's records, until the end or a record the CSV reader cannot read (an
+    unclosed quote swallowing the rest of the file, a field over the reader's limit):
+    that one becomes a problem, and the reading stops."""
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            problems.append(ImportProblem(reader.line_num, f"unreadable CSV record: {exc}"))
+            return
+        yield values
 
 
 def parse_patients_csv(
@@ -200,8 +218,11 @@ def parse_patients_csv(
         return [], [ImportProblem(1, "empty file: a header line is required")]
     delimiter = ";" if lines[0].count(";") > lines[0].count(",") else ","
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = [h.strip().lower() for h in next(reader)]
     problems: list[ImportProblem] = []
+    records = _records(reader, problems)
+    header = [h.strip().lower() for h in next(records, [])]
+    if problems:
+        return [], problems
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     unknown = [c for c in header if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
     if missing:
@@ -215,7 +236,7 @@ def parse_patients_csv(
     patients: list[PatientInput] = []
     seen_ipp: dict[tuple[str, str], int] = {}
     seen_ins: dict[tuple[str, str], int] = {}
-    for values in reader:
+    for values in records:
         line = reader.line_num
         if not any(v.strip() for v in values):
             continue

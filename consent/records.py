@@ -23,8 +23,9 @@ from sqlalchemy.orm import Session
 
 from consent.context import StoreContext, require_actor
 from consent.decision import ConsentChange, Outcome, decision_from_state
-from consent.errors import InvalidRequest, InvalidTransition, UnknownEvent
+from consent.errors import InvalidIdentity, InvalidRequest, InvalidTransition, UnknownEvent
 from consent.feed import ChangeFeed
+from consent.identity import clean_text
 from consent.models import (
     CHANNELS,
     DECISIONS,
@@ -232,7 +233,10 @@ class ConsentRecorder:
             raise InvalidRequest(f"channel must be one of {', '.join(CHANNELS)}")
         if performed_by not in PERFORMERS:
             raise InvalidRequest("performed_by must be patient or representative")
-        representative = " ".join((representative_name or "").split()) or None
+        try:
+            representative = clean_text(representative_name, "representative's name", 200)
+        except InvalidIdentity as exc:
+            raise InvalidRequest(str(exc)) from None
         if performed_by == "representative" and representative is None:
             raise InvalidRequest("a representative's name is required")
         if performed_by == "patient":

@@ -53,8 +53,9 @@ class PatientResolver:
         Resolution
             ``matched`` by INS (only a ``QUAL`` identity's INS counts) or else by IPP;
             ``mismatch`` when INS and IPP designate different patients, when two INS
-            of the dataset designate different patients, when an INS of the dataset
-            contradicts the patient's stored one (same OID), or when a
+            of the dataset designate different patients, when an INS of the dataset is
+            stored for another patient (whatever that identity's status), when an INS
+            of the dataset contradicts the patient's stored one (same OID), or when a
             non-empty birth date or sex contradicts the stored one (unreadable birth date
             included); ``unknown`` when nothing matches or on error.
         """
@@ -74,8 +75,11 @@ class PatientResolver:
         birth_date: str,
         sex: str,
     ) -> Resolution:
-        # every qualified INS the dataset carries must designate the same patient
+        # every qualified INS the dataset carries must designate the same patient; an INS
+        # the store holds for a patient whose identity is not qualified designates no
+        # one, but must not belong to another patient than the one designated
         by_ins_found: dict[int, Patient] = {}
+        ins_owners: set[int] = set()
         for oid, matricule in ins_values:
             value = matricule.replace(" ", "").upper()
             if not value:
@@ -89,7 +93,10 @@ class PatientResolver:
                     PatientIdentifier.kind.in_(INS_KINDS),
                 )
             ).first()
-            if candidate is not None and candidate.identity_status == "QUAL":
+            if candidate is None:
+                continue
+            ins_owners.add(candidate.id)
+            if candidate.identity_status == "QUAL":
                 by_ins_found[candidate.id] = candidate
         if len(by_ins_found) > 1:
             return Resolution(None, "mismatch", "INS values designate different patients")
@@ -103,6 +110,8 @@ class PatientResolver:
         patient = by_ins or by_ipp
         if patient is None:
             return Resolution(None, "unknown", "no patient with these identifiers")
+        if ins_owners - {patient.id}:
+            return Resolution(None, "mismatch", "an INS of the data set is another patient's")
         how = "INS" if by_ins is not None else "patient id"
         if ins_values:
             # an INS of the dataset that the patient's stored one (same OID) contradicts

@@ -114,7 +114,10 @@ def connect(
     sock.tls_args = None
     assoc.set_socket(sock)
     assoc.acceptor.ae_title = peer.ae_title
-    assoc.acceptor.address_info = AddressInformation.from_tuple((peer.host, peer.port))
+    try:
+        assoc.acceptor.address_info = AddressInformation.from_tuple((peer.host, peer.port))
+    except OSError as exc:  # the host name does not resolve
+        raise _unreachable(peer, exc) from None
     requestor = assoc.requestor
     requestor.address_info = AddressInformation.from_tuple(("", 0))
     requestor.ae_title = ae.ae_title
@@ -126,13 +129,24 @@ def connect(
         context.context_id = 2 * number + 1
     requestor.requested_contexts = proposed
     assoc.bind(evt.EVT_CONN_OPEN, _nodelay)
-    assoc.request()
+    try:
+        assoc.request()
+    except OSError as exc:  # the host name does not resolve, or no route to it
+        raise _unreachable(peer, exc) from None
     if not assoc.is_established:
         if assoc.is_rejected:
             raise ScuError(f"peer {peer.name} rejected the association")
         raise ScuError(f"cannot associate with peer {peer.name} at {peer.host}:{peer.port}")
     assoc.start()
     return assoc
+
+
+def _unreachable(peer: PeerSettings, exc: OSError) -> ScuError:
+    """The error for a peer whose address does not resolve or cannot be reached."""
+    return ScuError(
+        f"cannot reach peer {peer.name} at {peer.host}:{peer.port} "
+        f"({exc.strerror or type(exc).__name__})"
+    )
 
 
 def echo(node: NodeSettings, peer: PeerSettings) -> int:
@@ -196,6 +210,11 @@ def send_files(
             size = os.path.getsize(path)
             try:
                 status = assoc.send_c_store(path)
+            except RuntimeError:
+                # pynetdicom: the association ended (the peer aborted) between the
+                # previous response and this request
+                report.failed.append((path, "association lost"))
+                break
             except (ValueError, AttributeError, OSError) as exc:
                 report.failed.append((path, type(exc).__name__))
                 continue

@@ -22,7 +22,7 @@ from enum import StrEnum
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from consent.decision import ConsentChange, Outcome
+from consent.decision import ConsentChange, Outcome, refusal_in_force
 from consent.history import RetractedWindow
 from router.decisions import Decide, failed
 from router.models import ForwardJob, HoldReason, JobState
@@ -62,7 +62,14 @@ class ConsentSync:
             return count
         if change.outcome is Outcome.DENY:
             reason = f"{CONSENT_DROP_PREFIX}: refused or withdrawn"
-            count = self._queue.drop_for_consent(change.patient_pk, change.purpose_code, reason)
+            # only while the refusal still holds: a poll acts on a change read a moment
+            # ago, and a grant may have committed since (with new, permitted jobs)
+            count = self._queue.drop_for_consent(
+                change.patient_pk,
+                change.purpose_code,
+                reason,
+                still=refusal_in_force(change.patient_pk, change.purpose_code),
+            )
             if self._retention is not None:
                 _apply_retention(self._retention, change, reason)
             return count

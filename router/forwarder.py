@@ -29,6 +29,7 @@ from dicom_node.archive.files import InstanceFiles
 from dicom_node.scu import ScuError, connect
 from dicom_node.store_scu import StoreSender
 from router.decisions import Decide, Outcome, failed
+from router.models import HoldReason
 from router.queue import CONSENT_DROP_PREFIX, ClaimedJob, JobQueue
 
 LOG = logging.getLogger(__name__)
@@ -168,16 +169,38 @@ class DestinationWorker(threading.Thread):
                 self._queue.retry_later(job, self._owner, f"internal error: {type(exc).__name__}")
 
     def _consent_allows(self, job: ClaimedJob) -> bool:
-        """Decide the job's consent now; a job that may not leave is dropped or held."""
-        if not job.purpose:
+        """Decide the job's consent now; a job that may not leave is dropped or held.
+
+        The purpose decided is the job's, except when the destination peer is bound to
+        another purpose: the job was planned under an earlier configuration (the
+        configuration check makes every route to a purpose-bound peer carry its purpose),
+        and what reaches that peer needs consent to the peer's purpose. Such a job
+        becomes a job of the peer's purpose; one planned without a resolved patient is
+        held for reconciliation.
+        """
+        purpose, repurposed = job.purpose, None
+        bound = self._peer.purpose
+        if bound and purpose != bound:
+            purpose = repurposed = bound
+            if job.patient_pk is None:
+                self._queue.hold(
+                    job,
+                    self._owner,
+                    f"peer {self._peer.name} now needs purpose {bound}: patient not resolved",
+                    hold_reason=HoldReason.RECONCILIATION,
+                    purpose=bound,
+                )
+                return False
+        if not purpose:
             return True
-        decision = self._decide(job.patient_pk, job.purpose)
+        decision = self._decide(job.patient_pk, purpose)
         if decision.outcome is Outcome.PERMIT:
             return True
+        reason = f"{CONSENT_DROP_PREFIX}: {decision.reason}"
         if decision.outcome is Outcome.DENY and not failed(decision):
-            self._queue.drop(job, self._owner, f"{CONSENT_DROP_PREFIX}: {decision.reason}")
+            self._queue.drop(job, self._owner, reason, purpose=repurposed)
         else:
-            self._queue.hold(job, self._owner, f"{CONSENT_DROP_PREFIX}: {decision.reason}")
+            self._queue.hold(job, self._owner, reason, purpose=repurposed)
         return False
 
     def _retry_later(self, job: ClaimedJob, reason: str, *, permanent: bool = False) -> None:

@@ -28,6 +28,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql import ColumnElement
 
 from config.db import CompiledStatement
 from dicom_node.archive.models import Instance
@@ -71,6 +72,15 @@ class ClaimedJob:
     sop_instance_uid: str
     transfer_syntax_uid: str
     size: int = 0  # of the archive file, in bytes (0: unknown)
+
+
+class JobsNotEligible(Exception):
+    """Some of the jobs an administrator named cannot take the change (unknown, or in
+    another state): nothing was changed."""
+
+    def __init__(self, job_ids: Sequence[int]) -> None:
+        super().__init__(", ".join(str(i) for i in job_ids))
+        self.job_ids = tuple(job_ids)
 
 
 @dataclass(frozen=True)
@@ -333,19 +343,35 @@ class JobQueue:
         """Give a claimed job back untouched (e.g. on shutdown before sending)."""
         return self._finish(job.id, owner, state=JobState.READY.value)
 
-    def hold(self, job: ClaimedJob, owner: str, reason: str) -> bool:
-        """Consent became undecided between planning and sending: hold the job."""
+    def hold(
+        self,
+        job: ClaimedJob,
+        owner: str,
+        reason: str,
+        *,
+        hold_reason: HoldReason = HoldReason.CONSENT,
+        purpose: str | None = None,
+    ) -> bool:
+        """Consent became undecided between planning and sending (or, with
+        ``HoldReason.RECONCILIATION``, the patient must be resolved first): hold the
+        job, under ``purpose`` when given (the destination peer's, see
+        :class:`router.forwarder.DestinationWorker`)."""
+        values: dict[str, Any] = {"purpose": purpose} if purpose is not None else {}
         return self._finish(
             job.id,
             owner,
             state=JobState.HELD.value,
-            hold_reason=HoldReason.CONSENT.value,
+            hold_reason=hold_reason.value,
             last_error=reason[:255],
+            **values,
         )
 
-    def drop(self, job: ClaimedJob, owner: str, reason: str) -> bool:
+    def drop(self, job: ClaimedJob, owner: str, reason: str, *, purpose: str | None = None) -> bool:
         """Consent is refused or withdrawn: the job will never be sent."""
-        return self._finish(job.id, owner, state=JobState.DROPPED.value, last_error=reason[:255])
+        values: dict[str, Any] = {"purpose": purpose} if purpose is not None else {}
+        return self._finish(
+            job.id, owner, state=JobState.DROPPED.value, last_error=reason[:255], **values
+        )
 
     # -- consent changes -----------------------------------------------------------
 
@@ -363,11 +389,25 @@ class JobQueue:
             next_attempt_at=self._clock(),
         )
 
-    def drop_for_consent(self, patient_pk: int, purpose: str, reason: str) -> int:
+    def drop_for_consent(
+        self,
+        patient_pk: int,
+        purpose: str,
+        reason: str,
+        *,
+        still: ColumnElement[bool] | None = None,
+    ) -> int:
         """Every not-yet-sent job of this patient and purpose is dropped; not a job held
-        for reconciliation, whose ``patient_pk`` is only a candidate that did not match."""
+        for reconciliation, whose ``patient_pk`` is only a candidate that did not match.
+
+        ``still``: a condition evaluated in the same statement
+        (:func:`consent.decision.refusal_in_force`), so that a refusal read a moment ago
+        drops nothing once a later grant has committed (the jobs stored since are ready,
+        and permitted)."""
+        guard = [still] if still is not None else []
         return self._bulk(
             [
+                *guard,
                 ForwardJob.patient_pk == patient_pk,
                 ForwardJob.purpose == purpose,
                 or_(
@@ -465,13 +505,19 @@ class JobQueue:
             return list(session.scalars(stmt))
 
     def retry_jobs(self, ids: Sequence[int] | None) -> int:
-        """Failed jobs (all, or these ids) go back to ready with a fresh attempt count."""
-        conditions: list[Any] = [ForwardJob.state == JobState.FAILED.value]
-        if ids is not None:
-            conditions.append(ForwardJob.id.in_(list(ids)))
-        return self._bulk(
-            conditions, state=JobState.READY.value, attempts=0, next_attempt_at=self._clock()
-        )
+        """Failed jobs (all, or these ids) go back to ready with a fresh attempt count.
+
+        With ``ids``, all or nothing: raises :class:`JobsNotEligible` (nothing changed)
+        when one of them is unknown or not failed."""
+        values: dict[str, Any] = {
+            "state": JobState.READY.value,
+            "attempts": 0,
+            "next_attempt_at": self._clock(),
+        }
+        failed = ForwardJob.state == JobState.FAILED.value
+        if ids is None:
+            return self._bulk([failed], **values)
+        return self._bulk_exact(ids, [failed], **values)
 
     def relink(
         self, ids: Sequence[int], patient_pk: int, state: JobState, hold_reason: str, note: str
@@ -491,12 +537,33 @@ class JobQueue:
         )
 
     def drop_jobs(self, ids: Sequence[int], reason: str) -> int:
-        """Drop open or failed jobs by id (administrator decision)."""
-        return self._bulk(
-            [
-                ForwardJob.id.in_(list(ids)),
-                ForwardJob.state.in_((*_OPEN_STATES, JobState.FAILED.value)),
-            ],
+        """Drop open or failed jobs by id (administrator decision); all or nothing:
+        raises :class:`JobsNotEligible` (nothing changed) when one of them is unknown,
+        sent or already dropped."""
+        return self._bulk_exact(
+            ids,
+            [ForwardJob.state.in_((*_OPEN_STATES, JobState.FAILED.value))],
             state=JobState.DROPPED.value,
             last_error=reason[:255],
         )
+
+    def _bulk_exact(self, ids: Sequence[int], conditions: Sequence[Any], **values: Any) -> int:
+        """Update the jobs ``ids``, each of which must meet ``conditions``, in one
+        transaction: all of them, or none (:class:`JobsNotEligible`)."""
+        wanted = sorted(set(ids))
+        values["updated_at"] = self._clock()
+        with self._sessions.begin() as session:
+            found = set(
+                session.scalars(
+                    select(ForwardJob.id)
+                    .where(ForwardJob.id.in_(wanted), *conditions)
+                    .with_for_update()
+                )
+            )
+            others = [job_id for job_id in wanted if job_id not in found]
+            if others:
+                raise JobsNotEligible(others)
+            session.execute(
+                update(ForwardJob).where(ForwardJob.id.in_(wanted), *conditions).values(**values)
+            )
+        return len(wanted)

@@ -58,6 +58,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.db import reading
 from consent.audit import append_audit, lock_for_write
+from consent.decision import refusal_in_force
 from dicom_node.archive.files import InstanceFiles, fsync_directory
 from dicom_node.archive.models import Instance, Patient, Series, Study
 from router.models import ForwardJob, HoldReason, JobState
@@ -193,7 +194,9 @@ class Retention:
         """Instances with a dropped job of this patient and purpose and no job that still
         needs the file. A job held for reconciliation names a *candidate* patient whose
         identity did not match (its hold reason stays when an administrator rejects it):
-        never this patient's data, so never deleted for this patient's refusal."""
+        never this patient's data, so never deleted for this patient's refusal. Nothing
+        is a candidate once the refusal no longer holds (a grant recorded since it was
+        read)."""
         dropped_here = select(ForwardJob.instance_pk).where(
             ForwardJob.patient_pk == patient_pk,
             ForwardJob.purpose == purpose,
@@ -204,7 +207,7 @@ class Retention:
             ForwardJob.instance_pk == Instance.id, ForwardJob.state.not_in(FINAL_STATES)
         )
         return select(Instance.id, Instance.series_pk, Instance.path, Instance.size).where(
-            Instance.id.in_(dropped_here), ~still_needed
+            refusal_in_force(patient_pk, purpose), Instance.id.in_(dropped_here), ~still_needed
         )
 
     def _has_candidates(self, patient_pk: int, purpose: str) -> bool:

@@ -10,6 +10,7 @@ import json
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -142,11 +143,21 @@ def test_db_upgrade_from_empty_then_already_current(tmp_path: Path, db_url: str)
 
 
 @SQLITE_ONLY
-def test_status_before_init_says_schema_not_current(tmp_path: Path, db_url: str) -> None:
+def test_status_before_init_says_to_run_init_and_creates_nothing(
+    tmp_path: Path, db_url: str
+) -> None:
+    result = invoke(node_config(tmp_path, db_url), "status")
+    assert result.exit_code == 0, result.output
+    assert "does not exist (run 'consentgate init')" in result.output
+    assert "running: no" in result.output
+    assert not (tmp_path / "data").exists()
+    # an initialised database whose schema is behind says to upgrade
+    assert invoke(node_config(tmp_path, db_url), "init").exit_code == 0
+    with sqlite3.connect(tmp_path / "index.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0001'")
     result = invoke(node_config(tmp_path, db_url), "status")
     assert result.exit_code == 0, result.output
     assert "schema not current" in result.output
-    assert "running: no" in result.output
 
 
 def test_status_and_studies_list_show_stored_instances(

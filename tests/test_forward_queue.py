@@ -24,7 +24,7 @@ from consent.decision import ConsentChange, Outcome
 from dicom_node.archive.models import Instance, Patient, Series, Study
 from router.consent_sync import ConsentSync
 from router.models import ForwardJob, HoldReason, JobState
-from router.queue import JobQueue, JobSpec, RetryPolicy
+from router.queue import JobQueue, JobsNotEligible, JobSpec, RetryPolicy
 from tests.conftest import ISSUER, seed_patient, seed_purpose
 
 T0 = datetime(2025, 3, 1, 8, 0, tzinfo=UTC)
@@ -284,7 +284,12 @@ def test_retry_and_drop_by_the_administrator(db: Db) -> None:
     done = db.add(1, state=JobState.DONE)
     held = db.add(1, state=JobState.HELD, hold_reason=HoldReason.CONSENT.value)
 
-    assert queue.retry_jobs([failed[0], done[0], 999_999]) == 1  # only failed jobs
+    # only failed jobs, all or nothing: one that is not changes nothing
+    with pytest.raises(JobsNotEligible) as refused:
+        queue.retry_jobs([failed[0], done[0], 999_999])
+    assert refused.value.job_ids == (done[0], 999_999)
+    assert db.states(failed) == [JobState.FAILED] * 3
+    assert queue.retry_jobs([failed[0]]) == 1
     job = db.job(failed[0])
     assert (job.state, job.attempts) == (JobState.READY, 0)
     assert db.states(done) == [JobState.DONE]
@@ -295,7 +300,11 @@ def test_retry_and_drop_by_the_administrator(db: Db) -> None:
     for job in batch[:2]:
         assert queue.complete(job.id, "node-a")
     assert queue.retry_later(batch[2], "node-a", "refused") == JobState.FAILED
-    assert queue.drop_jobs([failed[2], held[0], done[0], failed[0]], "dropped by it: test") == 2
+    with pytest.raises(JobsNotEligible) as refused:
+        queue.drop_jobs([failed[2], held[0], done[0], failed[0]], "dropped by it: test")
+    assert set(refused.value.job_ids) == {done[0], failed[0]}
+    assert db.states([failed[2], held[0]]) == [JobState.FAILED, JobState.HELD]
+    assert queue.drop_jobs([failed[2], held[0]], "dropped by it: test") == 2
     assert db.states([failed[2], held[0]]) == [JobState.DROPPED] * 2
     assert db.job(held[0]).last_error == "dropped by it: test"
     assert db.states([done[0], failed[0]]) == [JobState.DONE] * 2

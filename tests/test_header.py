@@ -143,7 +143,7 @@ def datasets(draw: st.DrawFn) -> tuple[Dataset, bool]:
     for _ in range(draw(st.integers(0, 2))):
         item = Dataset()
         item.PatientID = draw(st.text(string.digits, min_size=13, max_size=15))
-        item.IssuerOfPatientID = "ASIP-SANTE-INS-NIR"
+        item.IssuerOfPatientID = draw(st.sampled_from(["ASIP-SANTE-INS-NIR", "CHR-METZ"]))
         qualifiers = Dataset()
         qualifiers.UniversalEntityID = draw(st.sampled_from([INS_OID, "1.2.3"]))
         qualifiers.UniversalEntityIDType = "ISO"
@@ -196,7 +196,9 @@ def test_random_headers_read_the_same_both_ways(drawn: tuple[Dataset, bool]) -> 
     expected_ins = tuple(
         (INS_OID, str(item.PatientID))
         for item in ds.get("OtherPatientIDsSequence", [])
+        # the INS domain named by the qualifiers' OID, or else by the issuer's text
         if item.IssuerOfPatientIDQualifiersSequence[0].UniversalEntityID == INS_OID
+        or item.IssuerOfPatientID == "ASIP-SANTE-INS-NIR"
     )
     assert facts.ins_values == expected_ins
     if ds.get("ReferringPhysicianName"):

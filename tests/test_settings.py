@@ -266,6 +266,21 @@ BAD_CONFIGS = [
     ("service-unknown", PEER + 'services = ["echo", "print"]\n', "peers[0].services"),
     ("services-not-list", PEER + 'services = "echo"\n', "peers[0].services"),
     ("duplicate-peer", PEER + PEER.replace('"P"', '"Q"'), "name"),
+    ("peer-host-empty", PEER.replace('"127.0.0.1"', '"  "'), "peers[0].host"),
+    (
+        "route-same-destination-twice",
+        PEER + '[[routes]]\nname = "r"\ndestinations = ["p", "p"]\n',
+        "routes[0].destinations",
+    ),
+    ("db-url-driver-missing", '[node]\ndatabase_url = "postgresql://h/db"\n', "node.database_url"),
+    (
+        "db-url-bad-port",
+        '[node]\ndatabase_url = "postgresql+psycopg://u@[::1/db"\n',
+        "node.database_url",
+    ),
+    ("db-url-in-memory", '[node]\ndatabase_url = "sqlite:///:memory:"\n', "node.database_url"),
+    ("data-dir-nul", '[node]\ndata_dir = "a\\u0000b"\n', "node.data_dir"),
+    ("data-dir-unknown-user", '[node]\ndata_dir = "~no-such-user-cg/x"\n', "node.data_dir"),
 ]
 
 

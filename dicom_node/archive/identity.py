@@ -46,6 +46,13 @@ INS_OIDS = frozenset(
     }
 )
 
+#: Issuer of Patient ID texts that name an INS domain (REFERENCE: HL7 v2 carries
+#: ``matricule^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.8&ISO^INS``).
+_INS_ISSUER_NAMES = {
+    "ASIP-SANTE-INS-NIR": "1.2.250.1.213.1.4.8",
+    "ASIP-SANTE-INS-NIA": "1.2.250.1.213.1.4.9",
+}
+
 #: Length of the ``archive_instance.identity`` column.
 MAX_STORED = 512
 
@@ -66,23 +73,33 @@ class PatientIdentity:
     sex: str
 
 
-def _qualifier_uid(item: Dataset) -> str:
+def _ins_oid(item: Dataset) -> str:
+    """The INS OID an Other Patient IDs item names, ``""`` when it names none: its
+    qualifiers' Universal Entity ID, else its Issuer of Patient ID (an INS OID, or the
+    text name of an INS domain). A sender that names the INS domain only in the text
+    still designates the patient by INS: ignoring that item would let it contradict
+    the Patient ID unseen."""
     seq = item.get("IssuerOfPatientIDQualifiersSequence")
     if seq:
-        return text_of(seq[0].get("UniversalEntityID"))
-    return ""
+        oid = text_of(seq[0].get("UniversalEntityID"))
+        if oid in INS_OIDS:
+            return oid
+    issuer = text_of(item.get("IssuerOfPatientID"))
+    if issuer in INS_OIDS:
+        return issuer
+    return _INS_ISSUER_NAMES.get(issuer.upper(), "")
 
 
 def identity_of(attributes: ReceivedAttributes, default_issuer: str) -> PatientIdentity:
     """The identity a data set carries: issuer from the data set (Issuer of Patient ID,
     else its qualifiers' Universal Entity ID), else the sending peer's issuer; INS values
-    from Other Patient IDs Sequence items whose universal entity ID is an INS OID.
+    from Other Patient IDs Sequence items that name an INS domain (:func:`_ins_oid`).
     ``attributes`` must hold :data:`IDENTITY_KEYWORDS`."""
     ins: list[tuple[str, str]] = []
     for item in attributes.items("OtherPatientIDsSequence"):
-        oid = _qualifier_uid(item)
+        oid = _ins_oid(item)
         value = text_of(item.get("PatientID"))
-        if oid in INS_OIDS and value:
+        if oid and value:
             ins.append((oid, value))
     return PatientIdentity(
         issuer=issuer_of_patient_id(attributes) or default_issuer,
