@@ -38,6 +38,24 @@ def _store(ctx: click.Context) -> Iterator[ConsentStore]:
         yield runtime.consent
 
 
+def _patient_pk(store: ConsentStore, issuer: str, patient_id: str) -> int:
+    pk = store.find_patient(issuer, patient_id)
+    if pk is None:
+        raise ConsentError(f"unknown patient {issuer}/{patient_id}")
+    return pk
+
+
+def _audit_read(store: ConsentStore, by: str | None, action: str, patients: list[int]) -> None:
+    """Trace a person's read of patient data before it is shown (no entry, no read):
+    who, what, whose (consent-store primary keys)."""
+    store.audit(
+        actor=actor_name(by),
+        action=action,
+        target="patients",
+        details={"patients": patients[:200], "count": len(patients)},
+    )
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -258,13 +276,15 @@ def patient_import(
 
 @patient.command("show")
 @_with_patient
+@_by_option
 @click.pass_context
-def patient_show(ctx: click.Context, issuer: str, patient_id: str) -> None:
-    """Show a patient's identity, identifiers and consents."""
+def patient_show(ctx: click.Context, issuer: str, patient_id: str, by: str | None) -> None:
+    """Show a patient's identity, identifiers and consents (audited)."""
     with _store(ctx) as store:
         pk = store.find_patient(issuer, patient_id)
         if pk is None:
             raise ConsentError(f"unknown patient {issuer}/{patient_id}")
+        _audit_read(store, by, "patient.show", [pk])
         info = store.show_patient(pk)
         decisions = store.current(issuer, patient_id)
     for key in (
@@ -295,11 +315,14 @@ def patient_show(ctx: click.Context, issuer: str, patient_id: str) -> None:
 @patient.command("find")
 @click.argument("text")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@_by_option
 @click.pass_context
-def patient_find(ctx: click.Context, text: str, limit: int) -> None:
-    """Find patients by name words (accents and case ignored) or exact identifier."""
+def patient_find(ctx: click.Context, text: str, limit: int, by: str | None) -> None:
+    """Find patients by name words (accents and case ignored) or exact identifier
+    (audited: the patients listed)."""
     with _store(ctx) as store:
         found = store.search_patients(text, limit=limit)
+        _audit_read(store, by, "patient.find", [int(p["pk"]) for p in found])
     for p in found:
         ipp = next((i for i in p["identifiers"] if i["kind"] == "IPP"), None)
         ident = f"{ipp['system']}/{ipp['value']}" if ipp else "-"
@@ -398,10 +421,12 @@ consent.add_command(
 
 @consent.command("show")
 @_with_patient
+@_by_option
 @click.pass_context
-def consent_show(ctx: click.Context, issuer: str, patient_id: str) -> None:
-    """Show the current decision of a patient for every purpose."""
+def consent_show(ctx: click.Context, issuer: str, patient_id: str, by: str | None) -> None:
+    """Show the current decision of a patient for every purpose (audited)."""
     with _store(ctx) as store:
+        _audit_read(store, by, "consent.show", [_patient_pk(store, issuer, patient_id)])
         decisions = store.current(issuer, patient_id)
     click.echo(f"{'PURPOSE':24} {'OUTCOME':9} REASON")
     for code, decision in decisions.items():
@@ -411,12 +436,14 @@ def consent_show(ctx: click.Context, issuer: str, patient_id: str) -> None:
 @consent.command("history")
 @_with_patient
 @click.option("--purpose", "purpose_code", default=None, help="Only this purpose.")
+@_by_option
 @click.pass_context
 def consent_history(
-    ctx: click.Context, issuer: str, patient_id: str, purpose_code: str | None
+    ctx: click.Context, issuer: str, patient_id: str, purpose_code: str | None, by: str | None
 ) -> None:
-    """Show the consent log of a patient, oldest first."""
+    """Show the consent log of a patient, oldest first (audited)."""
     with _store(ctx) as store:
+        _audit_read(store, by, "consent.history", [_patient_pk(store, issuer, patient_id)])
         entries = store.history(issuer, patient_id, purpose_code)
     click.echo(
         f"{'EVENT':>6} {'RECORDED AT (UTC)':27} {'PURPOSE':20} {'ACTION':16} {'STATUS':16} "
@@ -442,12 +469,15 @@ def consent_history(
     default=None,
     help="Write to this file instead of stdout.",
 )
+@_by_option
 @click.pass_context
 def consent_export_fhir(
-    ctx: click.Context, issuer: str, patient_id: str, output: Path | None
+    ctx: click.Context, issuer: str, patient_id: str, output: Path | None, by: str | None
 ) -> None:
-    """Export a patient's consents as a FHIR R4 Bundle (collection) of Consent resources."""
+    """Export a patient's consents as a FHIR R4 Bundle (collection) of Consent resources
+    (audited)."""
     with _store(ctx) as store:
+        _audit_read(store, by, "consent.export", [_patient_pk(store, issuer, patient_id)])
         resources = store.export_fhir(issuer, patient_id)
     bundle = {
         "resourceType": "Bundle",
@@ -487,6 +517,18 @@ def consent_entered_in_error(
         click.echo(restore_retracted(runtime, event_id, actor))
 
 
+@consent.command("rebuild-state")
+@_by_option
+@click.pass_context
+def consent_rebuild_state(ctx: click.Context, by: str | None) -> None:
+    """Recompute the decision cache from the consent log (after 'audit verify' reported
+    it edited, or after a restore). Audited."""
+    actor = actor_name(by)
+    with _store(ctx) as store:
+        rows = store.rebuild_state(actor=actor)
+    click.echo(f"decision cache rebuilt from the consent log: {rows} decision(s)")
+
+
 # ---------------------------------------------------------------------- audit
 
 
@@ -513,9 +555,18 @@ def audit_verify(ctx: click.Context, head: str | None) -> None:
         known = (int(seq_text), digest.lower())
     with _store(ctx) as store:
         report = store.verify_audit(known_head=known)
+    problems = report.record_problems
+    if problems:
+        click.echo(f"audit log intact ({report.entries} entries), but:")
+        for problem in problems:
+            click.echo(f"  {problem}")
+        raise _cli_error(
+            f"the consent records disagree with the audit log ({len(problems)} problem(s)"
+            f"{', the first 20 listed' if len(problems) >= 20 else ''})"
+        )
     if not report.ok:
         raise _cli_error(f"audit log damaged at entry {report.first_bad_seq}: {report.problem}")
-    click.echo(f"audit log intact ({report.entries} entries)")
+    click.echo(f"audit log intact ({report.entries} entries); consent records agree with it")
     click.echo(f"head {report.head_seq}:{report.head_hash}")
 
 

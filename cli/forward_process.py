@@ -262,21 +262,14 @@ def _finish(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
 
 def child_main(wake_fd: int, report_fd: int) -> int:
     """Run the forwarders until the wake pipe ends; returns the exit status."""
-    from cli.runtime import build_forwarding, configure_pynetdicom
+    from cli.runtime import build_forwarding, configure_pynetdicom, setup_logging
 
     # the parent stops this process by closing the wake pipe (see the module's docstring)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # written by the parent that started this process (the same user), nobody else
     parameters: ChildParameters = pickle.load(sys.stdin.buffer)  # noqa: S301
-    logging.basicConfig(
-        level=parameters.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("pynetdicom").setLevel(
-        logging.DEBUG if parameters.log_level <= logging.DEBUG else logging.WARNING
-    )
+    setup_logging(parameters.log_level)
     configure_pynetdicom()
     settings = parameters.settings
     destinations = forwarded_destinations(settings)

@@ -29,6 +29,7 @@ from cli.runtime import (
     build_runtime,
     check_schema,
     configure_pynetdicom,
+    setup_logging,
 )
 from config.settings import ConfigError, PeerSettings, Settings, load_settings
 
@@ -109,19 +110,6 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # pynetdicom logs each DIMSE message at INFO, Alembic its dialect whenever the schema
-    # revision is read (every command): keep their warnings and errors only
-    quiet = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
-    for name in ("pynetdicom", "alembic"):
-        logging.getLogger(name).setLevel(quiet)
-
-
 @click.group()
 @click.option(
     "--config",
@@ -141,7 +129,7 @@ def _setup_logging(level: str) -> None:
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, log_level: str) -> None:
     """consentgate: consent-enforcing DICOM gateway."""
-    _setup_logging(log_level)
+    setup_logging(getattr(logging, log_level.upper()))
     configure_pynetdicom()
     ctx.obj = AppContext(config_path)
 
@@ -258,6 +246,8 @@ def status(app: AppContext) -> None:
     """Show the archive's content and whether a running node answers."""
     settings = app.settings
     node = settings.node
+    if node.data_dir.exists() and not node.data_dir.is_dir():
+        raise CliError(f"cannot use the data directory ({node.data_dir} is not a directory)")
     missing = _sqlite_file(node.effective_database_url)
     if missing is not None and missing.exists():
         missing = None

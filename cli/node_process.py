@@ -94,7 +94,10 @@ class NodeProcess:
                 runtime.sessions,
                 runtime.files,
                 forget_parents=runtime.index.forget_parents,
+                journal=runtime.journal,
+                origin=runtime.queue.origin,
             ),
+            audit=runtime.consent.audit,
         )
         self._sync_interval = sync_interval
         self._sweep_interval = sweep_interval

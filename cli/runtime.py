@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from io import BytesIO
@@ -28,7 +30,7 @@ from config.db import reading
 from config.settings import Settings
 from consent.decision import Resolution
 from consent.service import ConsentStore
-from dicom_node.archive.files import InstanceFiles
+from dicom_node.archive.files import InstanceFiles, node_identity
 from dicom_node.archive.flusher import JournalFlusher
 from dicom_node.archive.header import dataset_offset
 from dicom_node.archive.index import ArchiveIndex
@@ -100,6 +102,32 @@ class Runtime:
         self.engine.dispose()
 
 
+def setup_logging(level: int) -> None:
+    """The logging of a consentgate process (the CLI, the node, the forwarder process).
+
+    Below DEBUG, the libraries keep to their warnings and errors, and pydicom to its
+    errors: pynetdicom logs each DIMSE message at INFO, Alembic its dialect whenever the
+    schema revision is read, and pydicom warns about a value it finds invalid *with the
+    value* (a malformed birth date in a C-FIND answer is the patient's year and month of
+    birth), in its log and as a Python warning, both silenced. No patient data in
+    ordinary logs.
+    """
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    debug = level <= logging.DEBUG
+    for name, quiet in (
+        ("pynetdicom", logging.WARNING),
+        ("alembic", logging.WARNING),
+        ("pydicom", logging.ERROR),
+    ):
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else quiet)
+    if not debug:
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+
+
 def configure_pynetdicom() -> None:
     """Process-wide pynetdicom settings: no identifiers (patient data) in its logs, and
     files sent from disk as they are."""
@@ -150,7 +178,7 @@ def build_runtime(settings: Settings) -> Runtime:
         read_sessions=reading(engine),
         files=files,
         index=index,
-        archive=Archive(files, index, RoutingHook(planner, queue, wakeups)),
+        archive=Archive(files, index, RoutingHook(planner, queue, wakeups, consent.audit)),
         registry=registry,
         metrics=NodeMetrics(registry),
         consent=consent,
@@ -178,6 +206,7 @@ def _make_queue(settings: Settings, sessions: sessionmaker[Session]) -> JobQueue
             max_delay=tuning.retry_max_delay,
             lease_seconds=tuning.lease_seconds,
         ),
+        origin=node_identity(settings.node.data_dir),
     )
 
 

@@ -60,6 +60,9 @@ class AuditReport:
     head_seq, head_hash : int and str
         The last entry's ``seq`` and ``hash`` (0 and the genesis hash when empty): record
         them elsewhere to detect a later truncation or full rewrite.
+    record_problems : tuple of str
+        With an intact chain, the consent records that disagree with it
+        (:func:`consent.integrity.check_consent_records`; ``ok`` is then false).
     """
 
     ok: bool
@@ -68,6 +71,7 @@ class AuditReport:
     entries: int
     head_seq: int = 0
     head_hash: str = GENESIS_HASH
+    record_problems: tuple[str, ...] = ()
 
 
 def canonical_json(value: Any) -> str:

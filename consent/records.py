@@ -26,6 +26,7 @@ from consent.decision import ConsentChange, Outcome, decision_from_state
 from consent.errors import InvalidIdentity, InvalidRequest, InvalidTransition, UnknownEvent
 from consent.feed import ChangeFeed
 from consent.identity import clean_text
+from consent.integrity import event_digest
 from consent.models import (
     CHANNELS,
     DECISIONS,
@@ -294,6 +295,7 @@ class ConsentRecorder:
                     "channel": channel,
                     "performed_by": performed_by,
                     "notice_version": notice.version if notice else None,
+                    "digest": event_digest(event),
                 },
             )
             change = ConsentChange(
@@ -415,7 +417,12 @@ class ConsentRecorder:
                 actor,
                 "consent.entered-in-error",
                 f"event:{event_id}",
-                {"patient": event.patient_pk, "purpose": purpose.code, "marker": marker.id},
+                {
+                    "patient": event.patient_pk,
+                    "purpose": purpose.code,
+                    "marker": marker.id,
+                    "digest": event_digest(marker),
+                },
             )
             change = ConsentChange(
                 event.patient_pk,

@@ -50,6 +50,7 @@ Where each method lives
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -69,6 +70,7 @@ from consent.decision import (
 from consent.errors import InvalidRequest
 from consent.feed import ChangeFeed
 from consent.history import ConsentHistory
+from consent.integrity import check_consent_records
 from consent.patients import Patients
 from consent.purposes import NoticeInfo, PurposeInfo, PurposeKeys, Purposes
 from consent.records import ConsentRecorder
@@ -184,6 +186,14 @@ class ConsentStore:
             return self._context.audit(session, actor, action, target, details)
 
     def verify_audit(self, *, known_head: tuple[int, str] | None = None) -> AuditReport:
-        """Verify the audit chain (see :func:`consent.audit.verify_audit`)."""
+        """Verify the audit chain (see :func:`consent.audit.verify_audit`), then the
+        consent records it vouches for (:func:`consent.integrity.check_consent_records`):
+        ``ok`` only when both hold; ``record_problems`` lists what disagrees."""
         with self._context.read_sessions() as session:
-            return verify_audit(session, known_head=known_head)
+            report = verify_audit(session, known_head=known_head)
+            if not report.ok:
+                return report
+            problems = check_consent_records(session)
+        if not problems:
+            return report
+        return replace(report, ok=False, problem=problems[0], record_problems=tuple(problems))

@@ -53,6 +53,7 @@ class _Match:
     patient: PatientKey
     calling_ae: str  # who sent it
     identity: str | None  # the stored identity it carries (None: read the file)
+    study_instance_uid: str
 
 
 class PatientAccess(Protocol):
@@ -293,6 +294,7 @@ class NodeHandlers:
         peer = self._peer(event)
         if peer is None or not peer.allows("find"):
             self._metrics.errors.labels("find", hex(_REFUSED)).inc()
+            self._audit_refused("find", peer, _REFUSED)
             yield _REFUSED, None
             return
         root = self._root(event)
@@ -300,21 +302,26 @@ class NodeHandlers:
             query = build_query(event.identifier, root)
         except IdentifierError as exc:
             self._metrics.errors.labels("find", hex(exc.status)).inc()
+            self._audit_refused("find", peer, exc.status)
             yield exc.status, None
             return
         except Exception as exc:
             LOG.warning("C-FIND identifier cannot be read: %s", type(exc).__name__)
             self._metrics.errors.labels("find", hex(0xC310)).inc()
+            self._audit_refused("find", peer, 0xC310)
             yield 0xC310, None  # unable to process: cannot decode the identifier
             return
         self._metrics.queries.labels(query.level.name).inc()
         checks = _RequestAccess(self._access, peer.purpose)
         study_sources: dict[int, list[IdentitySource]] = {}  # per study, for this request
+        accessed = _Accessed()
+        status = 0x0000
         try:
             for row in self._find_rows(query.statement):
                 # the responses already queued cannot be recalled by a C-CANCEL
                 await_send_room(event.assoc)
                 if event.is_cancelled:
+                    status = 0xFE00
                     yield 0xFE00, None
                     return
                 patient = next(o for o in row if isinstance(o, Patient))
@@ -325,6 +332,9 @@ class NodeHandlers:
                 )
                 if not checks.allows(_patient_key(patient), sources):
                     continue
+                if checks.purposes:
+                    study = next((o for o in row if isinstance(o, Study)), None)
+                    accessed.add(patient.issuer, patient.patient_id, study)
                 yield (
                     0xFF00,
                     response_identifier(row, query, retrieve_ae=self._settings.node.ae_title),
@@ -332,10 +342,16 @@ class NodeHandlers:
         except SQLAlchemyError as exc:
             LOG.error("C-FIND index query failed: %s", type(exc).__name__)
             self._metrics.errors.labels("find", hex(_UNABLE)).inc()
+            status = _UNABLE
             yield _UNABLE, None
             return
         finally:
-            self._audit_access("find", peer, checks, {"level": query.level.name})
+            self._audit_access(
+                "find",
+                peer,
+                checks,
+                {"level": query.level.name, "status": _hex(status), **accessed.details()},
+            )
         yield 0x0000, None
 
     def _identity_sources(
@@ -409,9 +425,11 @@ class NodeHandlers:
 
     def on_move(self, event: Event) -> Iterator[Any]:
         """C-MOVE to a configured peer; the first yield is the destination."""
-        destination = self._settings.peer_by_ae_title(str(event.move_destination).strip())
+        requested = str(event.move_destination).strip()
+        destination = self._settings.peer_by_ae_title(requested)
         if destination is None:
             self._metrics.errors.labels("move", hex(0xA801)).inc()
+            self._audit_refused("move", self._peer(event), 0xA801, destination_ae=requested)
             yield None, None
             return
         matches, withheld, failure = self._prepare(event, "move", destination)
@@ -434,6 +452,7 @@ class NodeHandlers:
         """The permitted instances to send, how many were withheld, or a failure status."""
         peer = self._peer(event)
         status: int
+        where = {"destination": destination.name if destination is not None else ""}
         if peer is None or not peer.allows(service):
             status = _REFUSED
         else:
@@ -454,12 +473,10 @@ class NodeHandlers:
                         m.patient, [self._source(m.identity, m.path, m.patient[0], m.calling_ae)]
                     )
                 ]
-                self._audit_access(
-                    service,
-                    peer,
-                    checks,
-                    {"destination": destination.name if destination is not None else ""},
-                )
+                accessed = _Accessed()
+                for m in permitted:
+                    accessed.add(m.patient[0], m.patient[1], m.study_instance_uid)
+                self._audit_access(service, peer, checks, {**where, **accessed.details()})
                 # A purpose-bound requester learns nothing of what it may not see: the
                 # instances withheld from it are not counted (neither as failed
                 # sub-operations nor in a refusal), so the answer is the one it would get
@@ -479,6 +496,7 @@ class NodeHandlers:
                     return permitted, checks.withheld, None
                 status = 0xA702  # out of resources: too many sub-operations
         self._metrics.errors.labels(service, hex(status)).inc()
+        self._audit_refused(service, peer, status, **where)
         return [], 0, status
 
     def _send_matches(
@@ -515,6 +533,17 @@ class NodeHandlers:
         if withheld:
             yield 0xB000, None
 
+    def _audit_refused(
+        self, service: str, peer: PeerSettings | None, status: int, **details: Any
+    ) -> None:
+        """Trace a purpose-bound peer's request that was refused or failed (nothing
+        listed or sent; the status it got)."""
+        if peer is None or not peer.purpose:
+            return
+        self._write_audit(
+            service, peer, {"purpose": peer.purpose, "status": _hex(status), **details}
+        )
+
     def _audit_access(
         self,
         service: str,
@@ -523,20 +552,26 @@ class NodeHandlers:
         details: Mapping[str, Any],
     ) -> None:
         """Trace a query/retrieve under a purpose in the audit log."""
-        if not checks.purposes or self._audit is None:
+        if not checks.purposes:
+            return
+        self._write_audit(
+            service,
+            peer,
+            {
+                "purpose": ",".join(checks.purposes),
+                "permitted": checks.permitted,
+                "withheld": checks.withheld,
+                **details,
+            },
+        )
+
+    def _write_audit(self, service: str, peer: PeerSettings, details: Mapping[str, Any]) -> None:
+        """One ``dicom.<service>`` entry for ``peer``; a failure is logged (the answer
+        already given stands)."""
+        if self._audit is None:
             return
         try:
-            self._audit(
-                peer.name,
-                f"dicom.{service}",
-                peer.ae_title,
-                {
-                    "purpose": ",".join(checks.purposes),
-                    "permitted": checks.permitted,
-                    "withheld": checks.withheld,
-                    **details,
-                },
-            )
+            self._audit(peer.name, f"dicom.{service}", peer.ae_title, details)
         except Exception as exc:
             LOG.error("audit write failed: %s", type(exc).__name__)
 
@@ -554,6 +589,7 @@ class NodeHandlers:
             Patient.identity,
             Instance.calling_ae,
             Instance.identity,
+            Study.study_instance_uid,
         )
         try:
             with self._sessions() as session:
@@ -570,6 +606,7 @@ class NodeHandlers:
                 (r[4], r[5], r[6], r[7], r[8]),
                 r[9],
                 r[10],
+                r[11],
             )
             for r in rows
         ]
@@ -578,6 +615,38 @@ class NodeHandlers:
     def _root(event: Event) -> Root:
         sop_class = str(event.request.AffectedSOPClassUID)
         return Root.PATIENT if sop_class in _PATIENT_ROOT else Root.STUDY
+
+
+#: At most this many patients and studies are named in one audit entry (with the count)
+_AUDIT_NAMED = 200
+
+
+class _Accessed:
+    """The patients and studies a request listed or sent, for its audit entry: whose
+    data a purpose-bound peer saw or received."""
+
+    def __init__(self) -> None:
+        self._patients: set[str] = set()
+        self._studies: set[str] = set()
+
+    def add(self, issuer: str, patient_id: str, study: Study | str | None) -> None:
+        self._patients.add(f"{issuer}/{patient_id}")
+        uid = study.study_instance_uid if isinstance(study, Study) else study
+        if uid:
+            self._studies.add(uid)
+
+    def details(self) -> dict[str, Any]:
+        patients, studies = sorted(self._patients), sorted(self._studies)
+        return {
+            "patients": patients[:_AUDIT_NAMED],
+            "patient_count": len(patients),
+            "studies": studies[:_AUDIT_NAMED],
+            "study_count": len(studies),
+        }
+
+
+def _hex(status: int) -> str:
+    return f"0x{status:04X}"
 
 
 def _contexts_for(matches: list[_Match]) -> list[PresentationContext]:

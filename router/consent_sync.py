@@ -44,8 +44,10 @@ class ConsentSync:
         last_event_id: Callable[[], int],
         wake: Callable[[], None] = lambda: None,
         retention: Retention | None = None,
+        audit: Callable[..., object] | None = None,
     ) -> None:
         self._queue = queue
+        self._audit = audit
         self._retention = retention
         self._sessions = sessions
         self._decide = decide
@@ -58,6 +60,7 @@ class ConsentSync:
         if change.outcome is Outcome.PERMIT:
             count = self._queue.release_for_consent(change.patient_pk, change.purpose_code)
             if count:
+                self._trace("routing.consent-release", change, count)
                 self._wake()
             return count
         if change.outcome is Outcome.DENY:
@@ -70,10 +73,27 @@ class ConsentSync:
                 reason,
                 still=refusal_in_force(change.patient_pk, change.purpose_code),
             )
+            if count:
+                self._trace("routing.consent-drop", change, count)
             if self._retention is not None:
                 _apply_retention(self._retention, change, reason)
             return count
         return 0
+
+    def _trace(self, action: str, change: ConsentChange, jobs: int) -> None:
+        """Audit what a consent change did to the queue (the change itself is audited
+        where it was recorded)."""
+        if self._audit is None:
+            return
+        try:
+            self._audit(
+                actor="router",
+                action=action,
+                target=f"patient:{change.patient_pk}",
+                details={"purpose": change.purpose_code, "jobs": jobs, "event": change.event_id},
+            )
+        except Exception as exc:  # the queue change stands; the failure is reported
+            LOG.error("audit of a consent change applied failed: %s", type(exc).__name__)
 
     def poll(self) -> int:
         """Apply the changes recorded since the last poll (by any process)."""

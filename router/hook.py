@@ -3,8 +3,11 @@ row (one transaction), then wake the forwarders of destinations that have work."
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
@@ -14,7 +17,9 @@ from dicom_node.archive.identity import PatientIdentity
 from router.facts import route_attributes
 from router.models import JobState
 from router.planner import Plan, Planner
-from router.queue import JobQueue
+from router.queue import JobQueue, JobSpec
+
+LOG = logging.getLogger(__name__)
 
 
 class Wakeups:
@@ -36,13 +41,48 @@ class Wakeups:
                 listener(destination)
 
 
-class RoutingHook:
-    """Implements the archive's ``StoreHook`` with the configured routes."""
+#: An instance's refusal is audited once per study, destination and purpose while its
+#: instances keep arriving (this long since the entry, in this process).
+_DROP_AUDIT_SECONDS = 600.0
+_DROP_AUDIT_KEYS = 4096
 
-    def __init__(self, planner: Planner, queue: JobQueue, wakeups: Wakeups) -> None:
+Audit = Callable[..., object]
+
+
+@dataclass(frozen=True)
+class _Routed:
+    """A plan and the instance it was made for (what ``committed`` audits)."""
+
+    plan: Plan
+    study_instance_uid: str
+    sop_instance_uid: str
+
+
+class RoutingHook:
+    """Implements the archive's ``StoreHook`` with the configured routes.
+
+    A job dropped when planned (the patient refused the route's purpose) is audited
+    (``routing.drop``, ``audit`` being :meth:`consent.service.ConsentStore.audit`): one
+    entry per study, destination and purpose, naming its first instance, rather than
+    one per instance (a refused patient's CT study would otherwise write hundreds of
+    synced audit transactions on the receiving thread).
+    """
+
+    def __init__(
+        self,
+        planner: Planner,
+        queue: JobQueue,
+        wakeups: Wakeups,
+        audit: Audit | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._planner = planner
         self._queue = queue
         self._wakeups = wakeups
+        self._audit = audit
+        self._clock = clock
+        self._audited: dict[tuple[str, str, str], float] = {}
+        self._audited_lock = threading.Lock()
         self._route_keywords = planner.keywords()
         self._enabled = bool(planner.routes.routes)
 
@@ -64,14 +104,51 @@ class RoutingHook:
             calling_ae,
             identity,
         )
-        return plan if plan.jobs else None
+        if not plan.jobs:
+            return None
+        return _Routed(plan, header.study_instance_uid, header.sop_instance_uid)
 
     def persist(self, connection: Connection, instance_pk: int, prepared: object) -> None:
-        assert isinstance(prepared, Plan)
-        self._queue.insert_jobs(connection, instance_pk, prepared.jobs)
+        assert isinstance(prepared, _Routed)
+        self._queue.insert_jobs(connection, instance_pk, prepared.plan.jobs)
 
     def committed(self, prepared: object) -> None:
-        assert isinstance(prepared, Plan)
-        ready = {job.destination for job in prepared.jobs if job.state is JobState.READY}
+        assert isinstance(prepared, _Routed)
+        jobs = prepared.plan.jobs
+        ready = {job.destination for job in jobs if job.state is JobState.READY}
         if ready:
             self._wakeups.notify(ready)
+        for job in jobs:
+            if job.state is JobState.DROPPED:
+                self._audit_drop(prepared, job)
+
+    def _audit_drop(self, routed: _Routed, job: JobSpec) -> None:
+        if self._audit is None:
+            return
+        key = (routed.study_instance_uid, job.destination, job.purpose)
+        now = self._clock()
+        with self._audited_lock:
+            last = self._audited.get(key)
+            if last is not None and now - last < _DROP_AUDIT_SECONDS:
+                return
+            if len(self._audited) >= _DROP_AUDIT_KEYS:
+                self._audited.clear()
+            self._audited[key] = now
+        try:
+            self._audit(
+                actor="router",
+                action="routing.drop",
+                target=f"study:{routed.study_instance_uid}"[:128],
+                details={
+                    "patient": job.patient_pk,
+                    "purpose": job.purpose,
+                    "destination": job.destination,
+                    "route": job.route,
+                    "reason": job.note,
+                    "first_instance": routed.sop_instance_uid,
+                },
+            )
+        except Exception as exc:  # the drop stands; the failure is reported
+            LOG.error("audit of a routing refusal failed: %s", type(exc).__name__)
+            with self._audited_lock:
+                self._audited.pop(key, None)

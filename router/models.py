@@ -59,5 +59,9 @@ class ForwardJob(ArchiveBase):
     lease_owner: Mapped[str] = mapped_column(String(64), default="")
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_error: Mapped[str] = mapped_column(String(255), default="")
+    #: the archive holding the instance (``dicom_node.archive.files.node_identity``):
+    #: only a node with that archive claims the job; "" (jobs made before it was
+    #: recorded): any node
+    origin: Mapped[str] = mapped_column(String(36), default="", server_default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

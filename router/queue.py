@@ -112,6 +112,7 @@ _JOB_COLUMNS = (
     "lease_owner",
     "lease_until",
     "last_error",
+    "origin",
     "created_at",
     "updated_at",
 )
@@ -134,7 +135,11 @@ class _HotStatements:
         now = bindparam("b_now", type_=ForwardJob.updated_at.type)
         self.claimable = (
             select(ForwardJob.id)
-            .where(ForwardJob.destination == bindparam("b_dest"), _claimable(now))
+            .where(
+                ForwardJob.destination == bindparam("b_dest"),
+                _claimable(now),
+                ForwardJob.origin.in_((bindparam("b_origin"), "")),
+            )
             .order_by(ForwardJob.id)
             .limit(bindparam("b_limit", type_=Integer))
             .with_for_update(skip_locked=True)
@@ -191,8 +196,12 @@ class JobQueue:
         sessions: sessionmaker[Session],
         policy: RetryPolicy | None = None,
         clock: Clock = utcnow,
+        origin: str = "",
     ) -> None:
         self._sessions = sessions
+        #: the archive this process's jobs are made in and claimed from (see
+        #: ``ForwardJob.origin``)
+        self.origin = origin
         # claims and acknowledgements (see defer_bookkeeping()), on Core connections:
         # they run for every forwarded instance, and the ORM session's unit of work
         # cost them most of their time
@@ -236,6 +245,7 @@ class JobQueue:
                 "lease_owner": "",
                 "lease_until": None,
                 "last_error": spec.note[:255],
+                "origin": self.origin,
                 "created_at": now,
                 "updated_at": now,
             }
@@ -266,7 +276,15 @@ class JobQueue:
         hot = self._hot
         with self._bookkeeping.begin() as conn:
             ids = list(
-                conn.scalars(hot.claimable, {"b_dest": destination, "b_now": now, "b_limit": limit})
+                conn.scalars(
+                    hot.claimable,
+                    {
+                        "b_dest": destination,
+                        "b_now": now,
+                        "b_limit": limit,
+                        "b_origin": self.origin,
+                    },
+                )
             )
             if not ids:
                 return []

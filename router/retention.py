@@ -60,6 +60,7 @@ from config.db import reading
 from consent.audit import append_audit, lock_for_write
 from consent.decision import refusal_in_force
 from dicom_node.archive.files import InstanceFiles, fsync_directory
+from dicom_node.archive.journal import IngestJournal
 from dicom_node.archive.models import Instance, Patient, Series, Study
 from router.models import ForwardJob, HoldReason, JobState
 
@@ -135,6 +136,13 @@ class Retention:
         Timezone-aware "now" for the audit entries.
     actor : str, optional
         Who the audit entries name.
+    journal : IngestJournal, optional
+        The serving process's ingest journal: each deletion is recorded there first
+        (:meth:`~dicom_node.archive.journal.IngestJournal.forget`).
+    origin : str, optional
+        This node's archive (``JobQueue.origin``): only the instances whose files it
+        holds are deleted here; each node sharing the database applies the refusal to
+        its own (``None``: every instance).
     """
 
     def __init__(
@@ -146,8 +154,12 @@ class Retention:
         forget_parents: Callable[[], None] = lambda: None,
         clock: Callable[[], datetime] = _utcnow,
         actor: str = "system",
+        journal: IngestJournal | None = None,
+        origin: str | None = None,
     ) -> None:
         self.policy = RetentionPolicy(policy)
+        self._journal = journal
+        self._origin = origin
         self._sessions = sessions
         self._read_sessions = reading(sessions.kw["bind"])
         self._files = files
@@ -189,8 +201,7 @@ class Retention:
 
     # -- the index transaction ----------------------------------------------------------
 
-    @staticmethod
-    def _candidates(patient_pk: int, purpose: str) -> Select[tuple[int, int, str, int]]:
+    def _candidates(self, patient_pk: int, purpose: str) -> Select[tuple[int, int, str, int, str]]:
         """Instances with a dropped job of this patient and purpose and no job that still
         needs the file. A job held for reconciliation names a *candidate* patient whose
         identity did not match (its hold reason stays when an administrator rejects it):
@@ -203,12 +214,14 @@ class Retention:
             ForwardJob.state == JobState.DROPPED.value,
             ForwardJob.hold_reason != HoldReason.RECONCILIATION.value,
         )
+        if self._origin is not None:  # the instances whose files this node holds
+            dropped_here = dropped_here.where(ForwardJob.origin.in_((self._origin, "")))
         still_needed = exists().where(
             ForwardJob.instance_pk == Instance.id, ForwardJob.state.not_in(FINAL_STATES)
         )
-        return select(Instance.id, Instance.series_pk, Instance.path, Instance.size).where(
-            refusal_in_force(patient_pk, purpose), Instance.id.in_(dropped_here), ~still_needed
-        )
+        return select(
+            Instance.id, Instance.series_pk, Instance.path, Instance.size, Instance.sop_instance_uid
+        ).where(refusal_in_force(patient_pk, purpose), Instance.id.in_(dropped_here), ~still_needed)
 
     def _has_candidates(self, patient_pk: int, purpose: str) -> bool:
         with self._read_sessions() as session:
@@ -227,6 +240,10 @@ class Retention:
                 return None  # another node got there first
             ids = [r.id for r in rows]
             doomed = [DoomedFile(r.path, _identity(self._files, r.path)) for r in rows]
+            if self._journal is not None:
+                # before the rows go: a replay after a crash must not index these again
+                # from records of the ingest journal that are still live
+                self._journal.forget([(r.sop_instance_uid, r.path) for r in rows])
             removed_per_series = Counter(r.series_pk for r in rows)
             series_info = {
                 s.id: s

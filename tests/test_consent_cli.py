@@ -221,7 +221,7 @@ def test_audit_verify(run: Run, tmp_path: Path, db_url: str) -> None:
     _purpose_and_patient(run, tmp_path)
     ok(run("consent", "grant", *PATIENT, "--purpose", "regional"))
     out = ok(run("audit", "verify")).splitlines()
-    assert out[0] == "audit log intact (3 entries)"
+    assert out[0] == "audit log intact (3 entries); consent records agree with it"
     head = out[1].removeprefix("head ")
     assert ok(run("audit", "verify", "--head", head)).startswith("audit log intact")
     one_line_error(run("audit", "verify", "--head", "nonsense"), "--head must be SEQ:HASH")

@@ -30,6 +30,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select, update
 
 from cli.router_commands import _resolve_held
+from cli.runtime import setup_logging
 from config.settings import MatchCondition, PeerSettings, RouteSettings
 from dicom_node.archive.identity import UNSTORABLE
 from dicom_node.archive.models import Instance as ArchivedInstance
@@ -671,6 +672,7 @@ def test_no_patient_data_in_ordinary_logs(tmp_path: Path, caplog: pytest.LogCapt
     reconciliation, one refused by the node), queries with those keys, a bad query
     level, a retrieve and a move to an unknown destination."""
     secrets = ("ZORGLUB", "PID-SECRET-77", "19551122")
+    setup_logging(logging.INFO)  # the library log levels of a node, whatever ran before
     caplog.set_level(logging.INFO)
     settings = regional_settings(tmp_path)
     node = start_node(settings)
@@ -714,7 +716,7 @@ def test_no_patient_data_in_ordinary_logs(tmp_path: Path, caplog: pytest.LogCapt
         for r in caplog.records
         if r.levelno >= logging.INFO
     ]
-    assert len(lines) > 10  # the node did log
+    assert sum(line.startswith("dicom_node") for line in lines) > 5  # the node did log
     hits = [line for line in lines if any(s in line for s in secrets)]
     assert not hits, "patient data in logs:\n" + "\n".join(hits[:20])
 

@@ -34,6 +34,7 @@ from dicom_node.archive.header import (
     fast_header,
     file_meta_bytes,
     parse_header,
+    scan_dataset,
 )
 from dicom_node.errors import InvalidInstance
 from router.facts import IDENTITY_KEYWORDS, patient_facts, route_attributes
@@ -247,3 +248,77 @@ def test_unusual_routing_element_falls_back_to_pydicom(implicit: bool) -> None:
     meta = file_meta_bytes(CTImageStorage, "1.2.3.4.5", syntax, "MODALITY")
     with pytest.raises(InvalidInstance):  # refused with 0xC210, not a processing failure
         parse_header(meta, data, {"Rows"})
+
+
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element with a short length."""
+    return (
+        (tag >> 16).to_bytes(2, "little")
+        + (tag & 0xFFFF).to_bytes(2, "little")
+        + vr
+        + len(value).to_bytes(2, "little")
+        + value
+    )
+
+
+def _item(body: bytes) -> bytes:
+    return b"\xfe\xff\x00\xe0" + len(body).to_bytes(4, "little") + body
+
+
+def _sequence(tag: int, *items: bytes) -> bytes:
+    value = b"".join(items)
+    return (
+        (tag >> 16).to_bytes(2, "little")
+        + (tag & 0xFFFF).to_bytes(2, "little")
+        + b"SQ\x00\x00"
+        + len(value).to_bytes(4, "little")
+        + value
+    )
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_repeated_or_out_of_order_top_level_element_is_refused(implicit: bool) -> None:
+    """PS3.5 7.1: a second Patient ID after the others (here after Pixel Data, where the
+    header read stops) would show another patient to a reader of the whole file than the
+    one indexed and checked."""
+    syntax = str(ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian)
+    data = _minimal(implicit, PatientID="P-GRANTED")
+    scan_dataset(data, syntax, frozenset())  # in order: accepted
+    tail = Dataset()
+    tail.PatientID = "P-REFUSED"
+    raw = DicomBytesIO()
+    raw.is_little_endian, raw.is_implicit_VR = True, implicit
+    write_dataset(raw, tail)
+    with pytest.raises(InvalidInstance, match="out of order or repeated"):
+        scan_dataset(data + bytes(raw.getvalue()), syntax, frozenset())
+
+
+def _around(middle: bytes) -> bytes:
+    """A CT header (explicit VR LE) with the encoded ``middle`` placed in tag order
+    between its SOP UIDs (group 0008) and its study and series UIDs (group 0020)."""
+    before, after = Dataset(), Dataset()
+    before.SOPClassUID = CTImageStorage
+    before.SOPInstanceUID = "1.2.3.4.5"
+    after.StudyInstanceUID = "1.2.3.5.1"
+    after.SeriesInstanceUID = "1.2.3.6.1"
+    parts = []
+    for ds in (before, after):
+        raw = DicomBytesIO()
+        raw.is_little_endian, raw.is_implicit_VR = True, False
+        write_dataset(raw, ds)
+        parts.append(bytes(raw.getvalue()))
+    return parts[0] + middle + parts[1]
+
+
+def test_identity_sequence_items_must_be_in_order_other_sequences_need_not() -> None:
+    """A repeated Patient ID inside an Other Patient IDs item (defined lengths) is
+    refused: readers disagree on which one counts. The same disorder inside another
+    sequence is left alone (seen in private sequences in the field; pydicom reads it)."""
+    syntax = str(ExplicitVRLittleEndian)
+    twice = _element(0x00100020, b"LO", b"NIR1") + _element(0x00100020, b"LO", b"NIR2")
+    with pytest.raises(InvalidInstance, match="sequence item"):
+        scan_dataset(_around(_sequence(0x00101002, _item(twice))), syntax, frozenset())
+    once = _element(0x00100020, b"LO", b"NIR1") + _element(0x00100021, b"LO", b"X ")
+    scan_dataset(_around(_sequence(0x00101002, _item(once))), syntax, frozenset())
+    # Referenced Image Sequence (0008,1140) holding the same disorder: accepted
+    scan_dataset(_around(_sequence(0x00081140, _item(twice))), syntax, frozenset())

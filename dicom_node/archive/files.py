@@ -10,6 +10,7 @@ path, so files placed under another layout stay readable.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -17,6 +18,7 @@ import re
 import secrets
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,6 +240,35 @@ def _await_file(path: Path, size: int, wait: float) -> None:
             raise OSError(code, problem, str(path))
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+def node_identity(data_dir: Path) -> str:
+    """The identity of the archive under ``data_dir``: a random id kept in
+    ``<data_dir>/node-id``, made on first use (``""`` while ``data_dir`` does not exist).
+
+    Nodes that share one database but not one data directory hold different files: each
+    forward job records the identity of the archive that holds its instance, and only a
+    node with that archive claims it (nodes sharing a data directory share its id).
+    """
+    path = data_dir / "node-id"
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        if not data_dir.is_dir():
+            return ""
+    # first use: write the id aside, then link it in place (another process that got
+    # there first wins, and both read its id)
+    tmp = data_dir / f"node-id.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(uuid.uuid4().hex + "\n", encoding="ascii")
+    try:
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        with contextlib.suppress(FileExistsError):  # another process got there first
+            os.link(tmp, path)
+        fsync_directory(data_dir)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text(encoding="ascii").strip()
 
 
 def fsync_directory(directory: Path) -> None:

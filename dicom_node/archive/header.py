@@ -442,15 +442,9 @@ def _walk_item(
             if pos < 0:
                 return -1
             continue
-        tag = group << 16 | elem
-        if tag <= previous:
-            raise InvalidInstance("sequence item elements are out of order or repeated")
-        previous = tag
-        vr, _, value_at, pos = _element(data, pos, end, order, little, implicit)
+        previous, pos = _ordered_element(data, pos, end, previous, little=little, implicit=implicit)
         if pos < 0:
             return -1
-        if tag in _IDENTITY_SEQUENCES:
-            _check_sequence(data, value_at, pos, vr, little=little, implicit=implicit)
     return -1
 
 
@@ -487,17 +481,35 @@ def _check_sequence(
         item_end = min(pos + length, end)
         previous = -1
         while pos + 8 <= item_end:
-            group, elem = struct.unpack_from(order + "HH", data, pos)
-            tag = group << 16 | elem
-            if tag <= previous:
-                raise InvalidInstance("sequence item elements are out of order or repeated")
-            previous = tag
-            inner_vr, _, value_at, pos = _element(data, pos, item_end, order, little, implicit)
+            previous, pos = _ordered_element(
+                data, pos, item_end, previous, little=little, implicit=implicit
+            )
             if pos < 0:
                 return
-            if tag in _IDENTITY_SEQUENCES:
-                _check_sequence(data, value_at, pos, inner_vr, little=little, implicit=implicit)
         pos = item_end
+
+
+def _ordered_element(
+    data: memoryview, pos: int, end: int, previous: int, *, little: bool, implicit: bool
+) -> tuple[int, int]:
+    """The element at ``pos`` of an identity sequence's item, whose previous element had
+    the tag ``previous``: returns its tag and the offset after it (-1 when cut short),
+    having checked its nested identity sequences.
+
+    Raises
+    ------
+    InvalidInstance
+        Its tag is not above ``previous``.
+    """
+    order = "<" if little else ">"
+    group, elem = struct.unpack_from(order + "HH", data, pos)
+    tag = group << 16 | elem
+    if tag <= previous:
+        raise InvalidInstance("sequence item elements are out of order or repeated")
+    vr, _, value_at, after = _element(data, pos, end, order, little, implicit)
+    if after >= 0 and tag in _IDENTITY_SEQUENCES:
+        _check_sequence(data, value_at, after, vr, little=little, implicit=implicit)
+    return tag, after
 
 
 def _walk_items(data: memoryview, pos: int, end: int, *, little: bool, implicit: bool) -> int:

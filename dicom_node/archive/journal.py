@@ -277,6 +277,12 @@ class IngestJournal:
         """
         if self._lock_fd is None:
             raise JournalError(errno.EPERM, "journal lock not taken")
+        # sequences keep growing across runs: a free file reused as a new segment still
+        # holds the records of its earlier uses after the new ones, and the scan tells
+        # them apart only by their segment sequence (were numbering to start again at 1
+        # after a clean stop, a replay would take an earlier run's record of a path for
+        # its latest one)
+        self._last_seq = max(self._last_seq, self._highest_free_seq())
         for seq, path in self.live_segments():
             self._last_seq = max(self._last_seq, seq)
             self._retire(path)
@@ -321,6 +327,20 @@ class IngestJournal:
         sender was told so), so that a replay does not index it."""
         ticket = self._append(sop_instance_uid, relative_path, (), FLAG_CANCEL, True)
         self.written(ticket)
+
+    def forget(self, items: Sequence[tuple[str, str]]) -> None:
+        """Record (durably, one data sync) that the instances ``items`` (SOP Instance UID,
+        archive-relative path) are being deleted from the archive, before their index
+        rows go: a replay then neither indexes them again from a record still live nor
+        keeps their files (cancel markers; should the deletion not commit, a replay
+        leaves the indexed instance as it is)."""
+        tickets = [self._append(uid, path, (), FLAG_CANCEL, False) for uid, path in items]
+        try:
+            for fd in {ticket.fd for ticket in tickets}:
+                os.fdatasync(fd)
+        finally:
+            for ticket in tickets:
+                self.written(ticket)
 
     def written(self, ticket: Ticket) -> None:
         """The archive file of ``ticket``'s record is written (or will not be)."""
@@ -408,6 +428,23 @@ class IngestJournal:
             os.close(fd)
             raise
         return _Segment(seq, path, fd, self.segment_size)
+
+    def _highest_free_seq(self) -> int:
+        """The highest sequence a free file's header names (its last use as a segment;
+        each use rewrites the header with a higher one), 0 when none does."""
+        highest = 0
+        for path in self.directory.glob("free-*.jnl"):
+            try:
+                with path.open("rb") as fh:
+                    head = fh.read(_SEGMENT_HEADER.size)
+            except OSError:
+                continue
+            if len(head) < _SEGMENT_HEADER.size:
+                continue
+            magic, seq, _, crc = _SEGMENT_HEADER.unpack(head)
+            if magic == SEGMENT_MAGIC and zlib.crc32(head[: _SEGMENT_HEADER.size - 4]) == crc:
+                highest = max(highest, seq)
+        return highest
 
     def _create(self, path: Path) -> None:
         """A zero-filled, fully written (allocated) segment file at ``path``."""
