@@ -334,11 +334,13 @@ class IngestJournal:
         rows go: a replay then neither indexes them again from a record still live nor
         keeps their files (cancel markers; should the deletion not commit, a replay
         leaves the indexed instance as it is)."""
-        tickets = [self._append(uid, path, (), FLAG_CANCEL, False) for uid, path in items]
+        tickets: list[Ticket] = []
         try:
+            for uid, path in items:
+                tickets.append(self._append(uid, path, (), FLAG_CANCEL, False))
             for fd in {ticket.fd for ticket in tickets}:
                 os.fdatasync(fd)
-        finally:
+        finally:  # in flight until then: a checkpoint would not recycle their segments
             for ticket in tickets:
                 self.written(ticket)
 
