@@ -322,3 +322,28 @@ def test_identity_sequence_items_must_be_in_order_other_sequences_need_not() -> 
     scan_dataset(_around(_sequence(0x00101002, _item(once))), syntax, frozenset())
     # Referenced Image Sequence (0008,1140) holding the same disorder: accepted
     scan_dataset(_around(_sequence(0x00081140, _item(twice))), syntax, frozenset())
+
+
+@pytest.mark.parametrize(
+    ("written", "indexed"),
+    [
+        ("19551122", "19551122"),
+        ("1955.11.22", "19551122"),
+        ("1955-11-22", "19551122"),
+        ("1955-11", ""),
+        ("22/11/1955", ""),
+        ("", ""),
+    ],
+)
+def test_a_date_is_indexed_whole_or_not_at_all(written: str, indexed: str) -> None:
+    """A birth date is indexed as YYYYMMDD (the old dotted form and the ISO form read as
+    dates), or left empty: cut to eight characters, '1955-11-22' became '1955-11-',
+    which no date range matches and which showed in C-FIND answers."""
+    data = _minimal(PatientBirthDate=written, StudyDate=written)
+    syntax = str(ExplicitVRLittleEndian)
+    fast = fast_header(data, syntax)
+    assert fast is not None
+    meta = file_meta_bytes(CTImageStorage, "1.2.3.4.5", syntax, "MODALITY")
+    slow, _ = parse_header(meta, data)
+    for header in (fast[0], slow):
+        assert (header.birth_date, header.study_date) == (indexed, indexed)

@@ -657,8 +657,8 @@ def _fast_result(
         if number and not _is_int(number):
             return None
     texts = {
-        name: values.get(name, "").strip().replace("\x00", "")[:limit]
-        for name, _vr, limit in _FIELDS.values()
+        name: _limited(values.get(name, ""), vr, limit)
+        for name, vr, limit in _FIELDS.values()
         if limit
     }
     header = InstanceHeader(
@@ -726,8 +726,20 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str:
     value = ds.get(keyword)
     if value is None:
         return ""
-    text = str(value).strip().replace("\x00", "")
-    return text[:limit]
+    vr = b"DA" if keyword.endswith("Date") else b""
+    return _limited(str(value), vr, limit)
+
+
+def _limited(value: str, vr: bytes, limit: int) -> str:
+    """An index column's text: trimmed and cut to ``limit``; a date (DA) is ``YYYYMMDD``
+    or nothing (``YYYY.MM.DD`` of old senders, and ``YYYY-MM-DD``, are read as dates;
+    anything else is not cut into a wrong one, which no date range would match)."""
+    text = value.strip().replace("\x00", "")
+    if vr != b"DA":
+        return text[:limit]
+    if len(text) == 10 and text[4] == text[7] and text[4] in ".-":
+        text = text[:4] + text[5:7] + text[8:]
+    return text if len(text) == 8 and text.isascii() and text.isdigit() else ""
 
 
 def _to_header(ds: Dataset) -> InstanceHeader:
