@@ -324,6 +324,7 @@ def test_identity_sequence_items_must_be_in_order_other_sequences_need_not() -> 
     scan_dataset(_around(_sequence(0x00081140, _item(twice))), syntax, frozenset())
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA:UserWarning")
 @pytest.mark.parametrize(
     ("written", "indexed"),
     [
