@@ -281,9 +281,7 @@ def patient_import(
 def patient_show(ctx: click.Context, issuer: str, patient_id: str, by: str | None) -> None:
     """Show a patient's identity, identifiers and consents (audited)."""
     with _store(ctx) as store:
-        pk = store.find_patient(issuer, patient_id)
-        if pk is None:
-            raise ConsentError(f"unknown patient {issuer}/{patient_id}")
+        pk = _patient_pk(store, issuer, patient_id)
         _audit_read(store, by, "patient.show", [pk])
         info = store.show_patient(pk)
         decisions = store.current(issuer, patient_id)

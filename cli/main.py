@@ -69,8 +69,8 @@ class AppContext:
         the embedded SQLite database: any other command on a missing one says to run
         ``init`` and leaves nothing behind."""
         settings = self.settings
-        database = _sqlite_file(settings.node.effective_database_url)
-        if not create and database is not None and not database.exists():
+        database = _missing_database(settings)
+        if not create and database is not None:
             raise CliError(
                 f"no database at {database}: run 'consentgate init' first "
                 "(or check node.data_dir / node.database_url)"
@@ -98,12 +98,14 @@ class AppContext:
         return peer
 
 
-def _sqlite_file(url: str) -> Path | None:
-    """The file of an SQLite database URL (``None`` for another database)."""
-    parsed = make_url(url)
+def _missing_database(settings: Settings) -> Path | None:
+    """The file of the SQLite database when it does not exist yet (``None`` when it does,
+    or for another database)."""
+    parsed = make_url(settings.node.effective_database_url)
     if parsed.get_backend_name() != "sqlite" or not parsed.database:
         return None
-    return Path(parsed.database)
+    path = Path(parsed.database)
+    return None if path.exists() else path
 
 
 def _first_line(exc: BaseException) -> str:
@@ -248,9 +250,7 @@ def status(app: AppContext) -> None:
     node = settings.node
     if node.data_dir.exists() and not node.data_dir.is_dir():
         raise CliError(f"cannot use the data directory ({node.data_dir} is not a directory)")
-    missing = _sqlite_file(node.effective_database_url)
-    if missing is not None and missing.exists():
-        missing = None
+    missing = _missing_database(settings)
     revision, counts = None, None
     if missing is None:
         runtime = app.runtime(require_schema=False)

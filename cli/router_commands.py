@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,8 +98,9 @@ def route_test(
             click.echo("no routes are configured")
         for path in files:
             try:
-                ds = dcmread(path, stop_before_pixels=True, specific_tags=keywords)
-                _check_as_the_node_would(path, str(ds.file_meta.TransferSyntaxUID))
+                part10 = path.read_bytes()
+                ds = dcmread(BytesIO(part10), stop_before_pixels=True, specific_tags=keywords)
+                _check_as_the_node_would(part10, str(ds.file_meta.TransferSyntaxUID))
             except (InvalidDicomError, OSError, ValueError, AttributeError) as exc:
                 raise _error(f"{path}: not a readable DICOM file ({type(exc).__name__})") from None
             except InvalidInstance as exc:
@@ -123,7 +125,7 @@ def route_test(
                 )
 
 
-def _check_as_the_node_would(path: Path, transfer_syntax_uid: str) -> None:
+def _check_as_the_node_would(part10: bytes, transfer_syntax_uid: str) -> None:
     """The checks the node makes of a received data set (complete, well-formed, required
     UIDs present): ``route test`` answers only for a file the node would store.
 
@@ -134,13 +136,12 @@ def _check_as_the_node_would(path: Path, transfer_syntax_uid: str) -> None:
     ValueError
         Not a Part 10 file.
     """
-    part10 = path.read_bytes()
     dataset = memoryview(part10)[dataset_offset(part10) :]
     scanned = scan_dataset(dataset, transfer_syntax_uid, frozenset())
     if scanned.fast is not None:
         uids = (scanned.fast[0].sop_class_uid, scanned.fast[0].sop_instance_uid)
     else:  # an encoding the fast reader leaves to pydicom
-        full = dcmread(path, stop_before_pixels=True)
+        full = dcmread(BytesIO(part10), stop_before_pixels=True)
         uids = (str(full.get("SOPClassUID", "")), str(full.get("SOPInstanceUID", "")))
     if not all(uids):
         raise InvalidInstance("SOP Class or SOP Instance UID missing")

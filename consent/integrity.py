@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from datetime import UTC
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from consent.audit import canonical_json
@@ -170,23 +170,28 @@ def _notice_problems(session: Session) -> Iterator[str]:
             yield f"notice {code} v{notice.version}: text differs from the one audited"
 
 
-def _state_problems(session: Session) -> Iterator[str]:
-    retracted = set(
-        session.scalars(
-            select(ConsentEvent.supersedes_pk).where(ConsentEvent.status == "entered-in-error")
-        )
+def retracted_events() -> Select[tuple[int | None]]:
+    """The ids of the events a retraction (entered-in-error) names."""
+    return select(ConsentEvent.supersedes_pk).where(
+        ConsentEvent.status == "entered-in-error", ConsentEvent.supersedes_pk.is_not(None)
     )
-    latest: dict[tuple[int, int], tuple[int, str]] = {}
+
+
+def decisions_from_log(session: Session) -> dict[tuple[int, int], tuple[int, str]]:
+    """``(patient_pk, purpose_pk) -> (event_pk, decision)``: the latest active event not
+    retracted (marked entered-in-error) of each pair, what the decision cache holds."""
     rows = session.execute(
         select(
             ConsentEvent.patient_pk, ConsentEvent.purpose_pk, ConsentEvent.id, ConsentEvent.decision
         )
-        .where(ConsentEvent.status == "active")
+        .where(ConsentEvent.status == "active", ConsentEvent.id.not_in(retracted_events()))
         .order_by(ConsentEvent.id)
     )
-    for patient_pk, purpose_pk, event_pk, decision in rows:
-        if event_pk not in retracted:
-            latest[(patient_pk, purpose_pk)] = (event_pk, decision)
+    return {(patient, purpose): (event, decision) for patient, purpose, event, decision in rows}
+
+
+def _state_problems(session: Session) -> Iterator[str]:
+    latest = decisions_from_log(session)
     cached = {
         (p, q): (e, d)
         for p, q, e, d in session.execute(

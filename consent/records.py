@@ -26,7 +26,7 @@ from consent.decision import ConsentChange, Outcome, decision_from_state
 from consent.errors import InvalidIdentity, InvalidRequest, InvalidTransition, UnknownEvent
 from consent.feed import ChangeFeed
 from consent.identity import clean_text
-from consent.integrity import event_digest
+from consent.integrity import decisions_from_log, event_digest, retracted_events
 from consent.models import (
     CHANNELS,
     DECISIONS,
@@ -350,12 +350,6 @@ class ConsentRecorder:
                 )
             )
 
-    @staticmethod
-    def _retracted() -> Any:
-        return select(ConsentEvent.supersedes_pk).where(
-            ConsentEvent.status == "entered-in-error", ConsentEvent.supersedes_pk.is_not(None)
-        )
-
     def mark_entered_in_error(
         self, event_id: int, *, actor: str, reason: str, channel: str = "cli"
     ) -> int:
@@ -440,7 +434,7 @@ class ConsentRecorder:
                 ConsentEvent.patient_pk == patient_pk,
                 ConsentEvent.purpose_pk == purpose_pk,
                 ConsentEvent.status == "active",
-                ConsentEvent.id.not_in(self._retracted()),
+                ConsentEvent.id.not_in(retracted_events()),
             )
             .order_by(ConsentEvent.id.desc())
             .limit(1)
@@ -463,22 +457,7 @@ class ConsentRecorder:
         """
         actor = require_actor(actor)
         with self._context.write() as session:
-            latest: dict[tuple[int, int], tuple[int, str]] = {}
-            rows = session.execute(
-                select(
-                    ConsentEvent.patient_pk,
-                    ConsentEvent.purpose_pk,
-                    ConsentEvent.id,
-                    ConsentEvent.decision,
-                )
-                .where(
-                    ConsentEvent.status == "active",
-                    ConsentEvent.id.not_in(self._retracted()),
-                )
-                .order_by(ConsentEvent.id)
-            )
-            for patient_pk, purpose_pk, event_pk, decision in rows:
-                latest[(patient_pk, purpose_pk)] = (event_pk, decision)
+            latest = decisions_from_log(session)
             session.execute(delete(ConsentState))
             values = [
                 {"patient_pk": k[0], "purpose_pk": k[1], "event_pk": v[0], "decision": v[1]}

@@ -334,7 +334,11 @@ class NodeHandlers:
                     continue
                 if checks.purposes:
                     study = next((o for o in row if isinstance(o, Study)), None)
-                    accessed.add(patient.issuer, patient.patient_id, study)
+                    accessed.add(
+                        patient.issuer,
+                        patient.patient_id,
+                        study.study_instance_uid if study is not None else "",
+                    )
                 yield (
                     0xFF00,
                     response_identifier(row, query, retrieve_ae=self._settings.node.ae_title),
@@ -629,11 +633,10 @@ class _Accessed:
         self._patients: set[str] = set()
         self._studies: set[str] = set()
 
-    def add(self, issuer: str, patient_id: str, study: Study | str | None) -> None:
+    def add(self, issuer: str, patient_id: str, study_instance_uid: str) -> None:
         self._patients.add(f"{issuer}/{patient_id}")
-        uid = study.study_instance_uid if isinstance(study, Study) else study
-        if uid:
-            self._studies.add(uid)
+        if study_instance_uid:
+            self._studies.add(study_instance_uid)
 
     def details(self) -> dict[str, Any]:
         patients, studies = sorted(self._patients), sorted(self._studies)
